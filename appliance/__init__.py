@@ -1,0 +1,1 @@
+"""On-prem inference appliance."""

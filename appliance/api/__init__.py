@@ -1,0 +1,1 @@
+"""gRPC front end: servicers, interceptors and the server itself."""

@@ -1,0 +1,45 @@
+"""The interface every API front end depends on.
+
+The ``appliance.v1`` servicers and the KServe v2 servicer call only this protocol, never an
+engine directly, so the same bad input gets the same status on both APIs. Methods raise
+:class:`appliance.errors.ApplianceError` subclasses for caller mistakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from appliance.types import ClassifyOutcome, EmbedOutcome, ModelDescription, Policy
+
+
+class Backend(Protocol):
+    async def classify(
+        self,
+        model: str,
+        texts: Sequence[str],
+        top_k: int = 1,
+        policy: Policy | None = None,
+        timeout: float | None = None,
+        want_probs: bool = False,
+    ) -> ClassifyOutcome:
+        """Classify ``texts`` with ``model`` ("NAME" or "NAME:VERSION")."""
+        ...
+
+    async def embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedOutcome: ...
+
+    def list_models(self) -> list[ModelDescription]: ...
+
+    def describe(self, model: str) -> ModelDescription:
+        """Raises NotFound for an unknown or unloaded model."""
+        ...
+
+    async def load_model(self, model: str) -> tuple[ModelDescription, int]:
+        """Load or hot-swap; returns the new description and the previous version (0 if none)."""
+        ...
+
+    async def unload_model(self, model: str) -> int: ...
+
+    def is_ready(self, model: str | None = None) -> bool:
+        """True when the named model (or, with None, every configured model) is warm."""
+        ...

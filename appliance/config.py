@@ -1,0 +1,57 @@
+"""Process-wide settings: where the appliance keeps its state, and the offline environment.
+
+Every entry point calls :func:`apply_offline_env` before importing Ray, vLLM or Hugging Face
+libraries, so that no process the appliance starts reports usage or reaches for a model hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Usage statistics and hub access off, for this process and every child it starts.
+OFFLINE_ENV: dict[str, str] = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DASHBOARD_ENABLED": "0",
+}
+
+
+def apply_offline_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Force the no-telemetry / offline variables into ``env`` (default: ``os.environ``)."""
+    target: dict[str, str] = os.environ if env is None else env  # type: ignore[assignment]
+    target.update(OFFLINE_ENV)
+    return target
+
+
+def appliance_home() -> Path:
+    """The root of all appliance state: ``$APPLIANCE_HOME``, else a per-user data directory."""
+    explicit = os.environ.get("APPLIANCE_HOME")
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return (base / "appliance").resolve()
+
+
+def models_dir() -> Path:
+    return appliance_home() / "models"
+
+
+def encoders_dir() -> Path:
+    """Shared encoder artifacts, stored once and referenced by content hash."""
+    return appliance_home() / "encoders"
+
+
+def state_dir(name: str) -> Path:
+    """A named sub-folder of the appliance home (``pki``, ``tokens``, ``audit``, ``run``, ...)."""
+    path = appliance_home() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

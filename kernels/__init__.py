@@ -1,0 +1,1 @@
+"""Triton kernels for the hot classification path, with plain-PyTorch references."""
