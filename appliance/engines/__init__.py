@@ -1,0 +1,1 @@
+"""Inference engines: ONNX Runtime sentence encoder, vLLM generalist."""

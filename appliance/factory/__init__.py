@@ -1,0 +1,1 @@
+"""Specialist factory: train, evaluate, export, quantize, calibrate, publish."""

@@ -1,0 +1,1 @@
+"""Ray Serve deployments, the application builder and the serving lifecycle."""
