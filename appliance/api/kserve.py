@@ -1,0 +1,295 @@
+"""The KServe v2 (Open Inference Protocol) gRPC front end for text classifiers.
+
+A classifier is exposed as one model with the tensor signature
+
+    inputs:  TEXT  BYTES [-1]             UTF-8 texts, one per element
+    outputs: LABEL BYTES [-1]             the decided label per text
+             SCORE FP32  [-1]             its confidence
+             PROBS FP32  [-1, n_classes]  the specialist's distribution, in label order
+
+Tensors travel either typed (``contents.bytes_contents`` / ``fp32_contents``) or raw
+(``raw_input_contents``: BYTES elements as a 4-byte little-endian length and the bytes, FP32 as
+little-endian floats). The response uses the encoding the request used. Like the
+``appliance.v1`` servicers, this one talks only to a :class:`~appliance.api.backend.Backend`, so
+the same bad input gets the same status on both APIs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+import numpy as np
+
+from appliance._proto.inference import grpc_service_pb2 as pb
+from appliance._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from appliance.api.backend import Backend
+from appliance.errors import ApplianceError, InvalidArgument, NotFound
+from appliance.types import ClassifyOutcome, ModelDescription
+
+INPUT_TEXT = "TEXT"
+OUTPUT_LABEL = "LABEL"
+OUTPUT_SCORE = "SCORE"
+OUTPUT_PROBS = "PROBS"
+OUTPUT_NAMES: tuple[str, ...] = (OUTPUT_LABEL, OUTPUT_SCORE, OUTPUT_PROBS)
+
+SERVER_NAME = "appliance"
+PLATFORM = "appliance_text_classifier"
+_LENGTH = struct.Struct("<I")  # the length prefix of one raw BYTES element
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("appliance")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# ---------------------------------------------------------------- BYTES tensor codec
+
+
+def encode_raw_bytes(elements: Sequence[bytes]) -> bytes:
+    """Serialise BYTES elements the way raw tensor contents carry them."""
+    return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
+
+
+def decode_raw_bytes(raw: bytes) -> list[bytes]:
+    """Split raw BYTES contents into elements; InvalidArgument if a length runs past the end."""
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(raw):
+        if offset + _LENGTH.size > len(raw):
+            raise InvalidArgument(
+                f"malformed raw BYTES contents: {len(raw) - offset} trailing byte(s) at offset {offset} "
+                f"cannot hold a 4-byte length prefix"
+            )
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += _LENGTH.size
+        if offset + length > len(raw):
+            raise InvalidArgument(
+                f"malformed raw BYTES contents: element {len(elements)} claims {length} bytes "
+                f"but only {len(raw) - offset} remain"
+            )
+        elements.append(raw[offset : offset + length])
+        offset += length
+    return elements
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+@dataclass(frozen=True)
+class _ParsedInfer:
+    model_ref: str  # "NAME" or "NAME:VERSION", as the Backend takes it
+    texts: list[str]
+    outputs: tuple[str, ...]  # requested output names, in response order
+    raw: bool  # answer with raw_output_contents
+
+
+def _model_ref(name: str, version: str) -> str:
+    if not name:
+        raise InvalidArgument("model name is empty")
+    if not version:
+        return name
+    if not version.isdigit() or int(version) < 1:
+        raise InvalidArgument(f"model version must be empty or a positive integer, got {version!r}")
+    return f"{name}:{int(version)}"
+
+
+def _text_elements(request: pb.ModelInferRequest) -> list[bytes]:
+    if len(request.inputs) != 1:
+        names = [t.name for t in request.inputs]
+        raise InvalidArgument(f"expected exactly one input tensor {INPUT_TEXT!r}, got {names}")
+    tensor = request.inputs[0]
+    if tensor.name != INPUT_TEXT:
+        raise InvalidArgument(f"unknown input {tensor.name!r}; the only input is {INPUT_TEXT!r}")
+    if tensor.datatype != "BYTES":
+        raise InvalidArgument(f"input {INPUT_TEXT!r} has datatype BYTES, got {tensor.datatype!r}")
+    if len(tensor.shape) != 1:
+        raise InvalidArgument(
+            f"input {INPUT_TEXT!r} has shape [-1] (one dimension), got {list(tensor.shape)}"
+        )
+    count = tensor.shape[0]
+    if count < 1:
+        raise InvalidArgument(f"input {INPUT_TEXT!r} must hold at least one text, shape is [{count}]")
+
+    if request.raw_input_contents:
+        if tensor.HasField("contents"):
+            raise InvalidArgument("input has both typed contents and raw_input_contents; use one")
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument(
+                f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input"
+            )
+        elements = decode_raw_bytes(request.raw_input_contents[0])
+    else:
+        elements = list(tensor.contents.bytes_contents)
+    if len(elements) != count:
+        raise InvalidArgument(
+            f"input {INPUT_TEXT!r} has shape [{count}] but carries {len(elements)} element(s)"
+        )
+    return elements
+
+
+def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    if not request.outputs:
+        return OUTPUT_NAMES
+    names: list[str] = []
+    for wanted in request.outputs:
+        if wanted.name not in OUTPUT_NAMES:
+            raise InvalidArgument(f"unknown output {wanted.name!r}; outputs are {list(OUTPUT_NAMES)}")
+        if "classification" in wanted.parameters:
+            raise InvalidArgument("the classification extension is not supported; request PROBS instead")
+        if wanted.name not in names:
+            names.append(wanted.name)
+    return tuple(names)
+
+
+def parse_infer_request(request: pb.ModelInferRequest) -> _ParsedInfer:
+    """Validate a ModelInferRequest; raises InvalidArgument with a message for the caller."""
+    ref = _model_ref(request.model_name, request.model_version)
+    elements = _text_elements(request)
+    texts: list[str] = []
+    for i, element in enumerate(elements):
+        try:
+            texts.append(element.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{INPUT_TEXT}[{i}] is not valid UTF-8: {exc.reason}") from None
+    return _ParsedInfer(ref, texts, _requested_outputs(request), raw=bool(request.raw_input_contents))
+
+
+# ---------------------------------------------------------------- response building
+
+
+def _output_arrays(outcome: ClassifyOutcome, names: Sequence[str]) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    decisions = outcome.decisions
+    if OUTPUT_LABEL in names:
+        arrays[OUTPUT_LABEL] = np.array([d.label.encode("utf-8") for d in decisions], dtype=object)
+    if OUTPUT_SCORE in names:
+        arrays[OUTPUT_SCORE] = np.array([d.confidence for d in decisions], dtype=np.float32)
+    if OUTPUT_PROBS in names:
+        n_classes = len(outcome.labels)
+        rows = []
+        for i, d in enumerate(decisions):
+            if d.probs is None or np.shape(d.probs) != (n_classes,):
+                raise ApplianceError(f"the backend returned no {n_classes}-class distribution for text {i}")
+            rows.append(np.asarray(d.probs, dtype=np.float32))
+        arrays[OUTPUT_PROBS] = np.stack(rows).reshape(len(decisions), n_classes)
+    return arrays
+
+
+def build_infer_response(
+    request: pb.ModelInferRequest, parsed: _ParsedInfer, outcome: ClassifyOutcome
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=outcome.model, model_version=str(outcome.version), id=request.id
+    )
+    arrays = _output_arrays(outcome, parsed.outputs)
+    for name in parsed.outputs:
+        array = arrays[name]
+        is_bytes = array.dtype == object
+        tensor = response.outputs.add(name=name, datatype="BYTES" if is_bytes else "FP32", shape=array.shape)
+        if parsed.raw:
+            raw = encode_raw_bytes(array.tolist()) if is_bytes else array.astype("<f4").tobytes()
+            response.raw_output_contents.append(raw)
+        elif is_bytes:
+            tensor.contents.bytes_contents.extend(array.tolist())
+        else:
+            tensor.contents.fp32_contents.extend(array.ravel().tolist())
+    return response
+
+
+def _tensor(name: str, datatype: str, shape: Sequence[int]) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=list(shape))
+
+
+def model_metadata(description: ModelDescription) -> pb.ModelMetadataResponse:
+    versions = sorted({description.version, *description.available_versions})
+    return pb.ModelMetadataResponse(
+        name=description.name,
+        versions=[str(v) for v in versions],
+        platform=PLATFORM,
+        inputs=[_tensor(INPUT_TEXT, "BYTES", [-1])],
+        outputs=[
+            _tensor(OUTPUT_LABEL, "BYTES", [-1]),
+            _tensor(OUTPUT_SCORE, "FP32", [-1]),
+            _tensor(OUTPUT_PROBS, "FP32", [-1, len(description.labels)]),
+        ],
+    )
+
+
+# ---------------------------------------------------------------- the servicer
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` over a Backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._version = _server_version()
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)  # answering at all is the proof
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._backend.is_ready(None))
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        # Triton's convention: an unknown model is simply not ready, not an error.
+        try:
+            _model_ref(request.name, request.version)
+            description = self._backend.describe(request.name)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        except ApplianceError as err:
+            await context.abort(err.code, err.message)
+        version_ok = not request.version or int(request.version) == description.version
+        return pb.ModelReadyResponse(ready=version_ok and self._backend.is_ready(request.name))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            _model_ref(request.name, request.version)
+            description = self._backend.describe(request.name)
+            if request.version and int(request.version) not in {
+                description.version,
+                *description.available_versions,
+            }:
+                raise NotFound(f"model {request.name!r} has no version {request.version}")
+            return model_metadata(description)
+        except ApplianceError as err:
+            await context.abort(err.code, err.message)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        try:
+            # An unknown model is NOT_FOUND even when the tensors are also wrong.
+            _model_ref(request.model_name, request.model_version)
+            self._backend.describe(request.model_name)
+            parsed = parse_infer_request(request)
+            outcome = await self._backend.classify(
+                parsed.model_ref,
+                parsed.texts,
+                top_k=1,
+                want_probs=True,
+                timeout=context.time_remaining(),
+            )
+            return build_infer_response(request, parsed, outcome)
+        except ApplianceError as err:
+            await context.abort(err.code, err.message)
