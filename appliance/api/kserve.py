@@ -23,6 +23,8 @@ from importlib import metadata
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 
 from appliance._proto.inference import grpc_service_pb2 as pb
 from appliance._proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -219,6 +221,30 @@ def model_metadata(description: ModelDescription) -> pb.ModelMetadataResponse:
             _tensor(OUTPUT_PROBS, "FP32", [-1, len(description.labels)]),
         ],
     )
+
+
+def reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
+    """A descriptor pool for server reflection: the KServe proto plus ``files`` and their imports.
+
+    The KServe messages live in a private pool (see :mod:`appliance.protogen`), which the default
+    reflection pool cannot see. Give every other served proto (``appliance_pb2.DESCRIPTOR``,
+    ``health_pb2.DESCRIPTOR``, ...) and pass the result as ``pool=`` to
+    ``grpc_reflection.v1alpha.reflection.enable_server_reflection``.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for file in (pb.DESCRIPTOR, *files):
+        add(file)
+    return pool
 
 
 # ---------------------------------------------------------------- the servicer

@@ -274,3 +274,26 @@ def test_malformed_raw_bytes_without_typed_contents(stub: pb_grpc.GRPCInferenceS
         stub.ModelInfer(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "claims 2 bytes but only 1 remain" in caught.value.details()
+
+
+def test_reflection_describes_both_apis() -> None:
+    from grpc_reflection.v1alpha import reflection
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    from appliance._proto.appliance.v1 import appliance_pb2
+    from appliance.api.kserve import reflection_pool
+
+    names = ("inference.GRPCInferenceService", "appliance.v1.InferenceService", reflection.SERVICE_NAME)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(KeywordBackend()), server)
+        reflection.enable_server_reflection(names, server, pool=reflection_pool(appliance_pb2.DESCRIPTOR))
+
+    with serve_in_thread(register) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert set(database.get_services()) == set(names)
+        infer = database.FindFileContainingSymbol("inference.GRPCInferenceService")
+        assert infer.name == "inference/grpc_service.proto"
+        assert "ModelInfer" in [m.name for m in infer.service[0].method]
+        classify = database.FindFileContainingSymbol("appliance.v1.InferenceService")
+        assert classify.name == "appliance/v1/appliance.proto"
