@@ -1,0 +1,165 @@
+"""``appliance pki|tokens|audit``: manage certificates and tokens, check the audit trail."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.errors import ApplianceError
+from appliance.security import audit, pki
+from appliance.security.tokens import TokenStore
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _register_pki(subparsers)
+    _register_tokens(subparsers)
+    _register_audit(subparsers)
+
+
+def _register_pki(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("pki", help="the CA and TLS certificates of the gRPC server")
+    commands = parser.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
+    dir_help = "PKI folder (default: $APPLIANCE_HOME/pki)"
+
+    init = commands.add_parser(
+        "init", help="create the CA, a loopback server certificate and an admin client"
+    )
+    init.add_argument("--dir", default=None, help=dir_help)
+    init.set_defaults(func=_pki_init)
+
+    server = commands.add_parser("issue-server", help="(re)issue the server certificate for these hosts")
+    server.add_argument("hosts", nargs="+", metavar="HOST", help="DNS name or IP address")
+    server.add_argument("--dir", default=None, help=dir_help)
+    server.set_defaults(func=_pki_issue_server)
+
+    client = commands.add_parser("issue-client", help="issue a client certificate (CN=NAME)")
+    client.add_argument("name", metavar="NAME")
+    client.add_argument("--dir", default=None, help=dir_help)
+    client.set_defaults(func=_pki_issue_client)
+
+
+def _register_tokens(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("tokens", help="scoped bearer tokens for the gRPC API")
+    commands = parser.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
+    file_help = "token file (default: $APPLIANCE_HOME/tokens/tokens.json)"
+
+    create = commands.add_parser(
+        "create", help="create a token; its secret is printed once, on the last line"
+    )
+    create.add_argument("name", metavar="NAME")
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        dest="scopes",
+        metavar="SCOPE",
+        help="classify:<model>|classify:*, embed:<model>|embed:*, generate, models:read, admin (repeatable)",
+    )
+    create.add_argument("--file", default=None, help=file_help)
+    create.set_defaults(func=_tokens_create)
+
+    listing = commands.add_parser("list", help="list tokens (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    listing.add_argument("--file", default=None, help=file_help)
+    listing.set_defaults(func=_tokens_list)
+
+    revoke = commands.add_parser("revoke", help="revoke a token; the running server refuses it at once")
+    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("--file", default=None, help=file_help)
+    revoke.set_defaults(func=_tokens_revoke)
+
+
+def _register_audit(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("audit", help="the hash-chained audit trail")
+    commands = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    check = commands.add_parser("verify", help="check every record's hash and chain link")
+    check.add_argument("--dir", default=None, help="audit folder (default: $APPLIANCE_HOME/audit)")
+    check.set_defaults(func=_audit_verify)
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _guard(func: Command) -> Command:
+    """Turn an ApplianceError into its message on stderr and exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            code = func(args)
+        except ApplianceError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+        return code
+
+    return wrapper
+
+
+@_guard
+def _pki_init(args: argparse.Namespace) -> int:
+    local = pki.ensure_local_pki(args.dir)
+    print(f"CA:     {local.ca_cert}")
+    print(f"server: {local.server_cert} ({', '.join(pki.LOCAL_HOSTS)})")
+    print(f"admin:  {local.admin_cert}")
+    return 0
+
+
+@_guard
+def _pki_issue_server(args: argparse.Namespace) -> int:
+    pki.init_ca(args.dir)
+    cert, key = pki.issue_server(args.dir, args.hosts)
+    print(f"server certificate {cert} (key {key}) for {', '.join(args.hosts)}")
+    return 0
+
+
+@_guard
+def _pki_issue_client(args: argparse.Namespace) -> int:
+    cert, key = pki.issue_client(args.dir, args.name)
+    print(f"client certificate {cert} (key {key}) for CN={args.name}")
+    return 0
+
+
+@_guard
+def _tokens_create(args: argparse.Namespace) -> int:
+    secret = TokenStore(args.file).create(args.name, args.scopes)
+    print(f"token {args.name!r} with scopes {', '.join(sorted(set(args.scopes)))}; the secret is shown once:")
+    print(secret)
+    return 0
+
+
+@_guard
+def _tokens_list(args: argparse.Namespace) -> int:
+    tokens = TokenStore(args.file).list(include_revoked=args.all)
+    if not tokens:
+        print("no tokens")
+        return 0
+    print(f"{'NAME':24} {'ID':12} {'CREATED':25} {'STATE':8} SCOPES")
+    for token in tokens:
+        state = "active" if token.active else "revoked"
+        print(f"{token.name:24} {token.token_id:12} {token.created_at:25} {state:8} {' '.join(token.scopes)}")
+    return 0
+
+
+@_guard
+def _tokens_revoke(args: argparse.Namespace) -> int:
+    info = TokenStore(args.file).revoke(args.name)
+    print(f"revoked token {info.name!r} ({info.token_id})")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    if args.dir is not None and not Path(args.dir).is_dir():
+        print(f"error: no audit folder at {args.dir}", file=sys.stderr)
+        return 1
+    result = audit.verify(args.dir)
+    if result.ok:
+        print(f"audit trail OK: {result.n_records} records, chain intact")
+        return 0
+    print(
+        f"audit trail BROKEN after {result.n_records} good records: {result.first_error}",
+        file=sys.stderr,
+    )
+    return 1

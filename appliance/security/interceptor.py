@@ -1,0 +1,420 @@
+"""Authorization and audit for every RPC the gRPC server answers.
+
+Each call is admitted in this order:
+
+1. Open methods (health, reflection; only where configured) pass without a token.
+2. A bearer token (``authorization: Bearer <token>``) must verify: else UNAUTHENTICATED.
+3. The method must be in the scope table: else PERMISSION_DENIED (fail closed, even for admin).
+4. The token must hold the method's scope; for model-scoped RPCs, the scope names the model from
+   the request (``classify:<model>``): else PERMISSION_DENIED.
+
+The model sits inside the request message, so the check runs in a wrapper around the method's
+own behaviour, where the deserialized request is at hand (unary and server-streaming alike).
+
+Every call, admitted or not, leaves one audit record: time, caller (token name and mTLS client
+certificate subject), rpc, model, final status code, latency and request id. Request texts are
+recorded only with ``audit_texts=True``. By default the response waits until its record is on
+disk, so no answer leaves the server without a durable trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import inspect
+import ipaddress
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from appliance.errors import ApplianceError
+from appliance.security.audit import AuditError, AuditLog
+from appliance.security.tokens import Principal, TokenStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The scope an RPC needs: ``scope``, or ``scope:<model>`` read from ``model_field``."""
+
+    scope: str
+    model_field: str | None = None
+
+
+_V1 = "/appliance.v1."
+_KSERVE = "/inference.GRPCInferenceService/"
+
+DEFAULT_RULES: Mapping[str, Rule] = {
+    f"{_V1}InferenceService/Classify": Rule("classify", "model"),
+    f"{_V1}InferenceService/Embed": Rule("embed", "model"),
+    f"{_V1}GenerationService/Generate": Rule("generate"),
+    f"{_V1}ModelService/ListModels": Rule("models:read"),
+    f"{_V1}ModelService/GetModel": Rule("models:read"),
+    f"{_V1}AdminService/LoadModel": Rule("admin"),
+    f"{_V1}AdminService/UnloadModel": Rule("admin"),
+    f"{_KSERVE}ModelInfer": Rule("classify", "model_name"),
+    f"{_KSERVE}ServerLive": Rule("models:read"),
+    f"{_KSERVE}ServerReady": Rule("models:read"),
+    f"{_KSERVE}ServerMetadata": Rule("models:read"),
+    f"{_KSERVE}ModelReady": Rule("models:read"),
+    f"{_KSERVE}ModelMetadata": Rule("models:read"),
+}
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+# where a request carries the model name used for "classify:<model>" etc. and its request id
+_REQUEST_ID_FIELDS = ("request_id", "id")
+
+
+def is_loopback(bind_address: str) -> bool:
+    """Whether ``host:port`` (or ``[v6]:port``) listens on loopback only."""
+    host = bind_address.rsplit(":", 1)[0] if bind_address.count(":") == 1 else bind_address
+    if host.startswith("["):
+        host = host[1 : host.index("]")]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def open_prefixes(
+    *, bind_address: str, health: bool | None = None, reflection: bool = False
+) -> tuple[str, ...]:
+    """Method prefixes that need no token. Health defaults to open on loopback binds only."""
+    if health is None:
+        health = is_loopback(bind_address)
+    return ((HEALTH_PREFIX,) if health else ()) + (REFLECTION_PREFIXES if reflection else ())
+
+
+def model_scope_name(reference: str) -> str:
+    """``NAME:VERSION`` or ``NAME`` → ``NAME``: scopes grant a model, not one of its versions."""
+    return reference.partition(":")[0]
+
+
+@dataclass
+class _Call:
+    """What the audit record of one call collects along the way."""
+
+    method: str
+    started: float = field(default_factory=time.perf_counter)
+    time: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"))
+    token: str | None = None
+    cert: str | None = None
+    peer: str = ""
+    model: str | None = None
+    request_id: str = ""
+    texts: list[str] | None = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    details: str = ""
+
+
+class _Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+Behavior = Callable[..., Any]
+
+
+class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        tokens: TokenStore,
+        audit: AuditLog,
+        *,
+        rules: Mapping[str, Rule] = DEFAULT_RULES,
+        open_methods: Iterable[str] = (),
+        audit_texts: bool = False,
+        durable: bool = True,
+    ) -> None:
+        """``open_methods`` holds method names or prefixes (see :func:`open_prefixes`).
+        ``durable=False`` sends answers without waiting for their audit record's fsync."""
+        self.tokens = tokens
+        self.audit = audit
+        self.rules = dict(rules)
+        self.open_methods = tuple(open_methods)
+        self.audit_texts = audit_texts
+        self.durable = durable
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        handler = await continuation(handler_call_details)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:  # wrappers hold no per-call state
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        if handler is not None:  # only served methods: a finite set, unlike names callers invent
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+        if handler is None:
+            return grpc.unary_unary_rpc_method_handler(self._unimplemented(method))
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary, streamed=False), **kwargs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream, streamed=False), **kwargs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary, streamed=True), **kwargs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream, streamed=True), **kwargs
+        )
+
+    # ------------------------------------------------------------------------------- wrappers
+
+    def _wrap_unary(self, method: str, behavior: Behavior, streamed: bool) -> Behavior:
+        """``streamed``: the behaviour takes a request iterator, so no single message to inspect."""
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(method)
+            try:
+                self._admit(call, None if streamed else request, context)
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            except BaseException as exc:
+                await self._fail(call, exc, context)
+                raise
+            finally:
+                await self._record(call, context)
+
+        return unary
+
+    def _wrap_stream(self, method: str, behavior: Behavior, streamed: bool) -> Behavior:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(method)
+            try:
+                self._admit(call, None if streamed else request, context)
+                result = behavior(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for response in result:
+                        yield response
+                elif inspect.isawaitable(result):  # a handler that answers through context.write()
+                    await result
+                else:
+                    for response in result:
+                        yield response
+            except BaseException as exc:
+                await self._fail(call, exc, context)
+                raise
+            finally:
+                await self._record(call, context)
+
+        return stream
+
+    def _unimplemented(self, method: str) -> Behavior:
+        async def unimplemented(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            call = _Call(method)
+            try:
+                self._admit(call, None, context, served=False)
+                # an open method (health, reflection) that is not registered
+                raise _Denied(grpc.StatusCode.UNIMPLEMENTED, f"method {method} is not implemented")
+            except BaseException as exc:
+                await self._fail(call, exc, context)
+                raise
+            finally:
+                await self._record(call, context)
+
+        return unimplemented
+
+    # ------------------------------------------------------------------------------ admission
+
+    def _admit(
+        self, call: _Call, request: Any, context: grpc.aio.ServicerContext, served: bool = True
+    ) -> None:
+        """Fill in who is calling and about what; raise :class:`_Denied` unless the call may proceed.
+        For a method the server does not serve (``served=False``), an authenticated caller learns
+        UNIMPLEMENTED; nobody else learns whether it exists."""
+        call.peer = context.peer() or ""
+        call.cert = _peer_subject(context)
+        metadata = _metadata(context)
+        self._describe(call, request, metadata)
+        if self.audit.failed is not None:
+            raise _Denied(
+                grpc.StatusCode.UNAVAILABLE, "the audit trail cannot record calls; refusing service"
+            )
+        if self.open_methods and call.method.startswith(self.open_methods):
+            return
+        principal = self._authenticate(metadata.get("authorization"))
+        call.token = principal.name
+        rule = self.rules.get(call.method)
+        if rule is None:
+            raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"method {call.method} is not open to any scope")
+        if not served:
+            raise _Denied(grpc.StatusCode.UNIMPLEMENTED, f"method {call.method} is not implemented")
+        required = rule.scope
+        if rule.model_field is not None:
+            if request is None:
+                raise _Denied(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{call.method} needs a per-model scope, which streamed requests cannot carry",
+                )
+            # an empty model lets the server choose one, which only a wildcard scope may allow
+            required = f"{rule.scope}:{model_scope_name(call.model) if call.model else '*'}"
+        if not principal.allows(required):
+            raise _Denied(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"token {principal.name!r} lacks scope {required!r} for {call.method}",
+            )
+
+    def _authenticate(self, header: str | None) -> Principal:
+        if not header:
+            raise _Denied(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing token: send metadata 'authorization: Bearer <token>'",
+            )
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
+        try:
+            principal = self.tokens.verify(secret.strip())
+        except ApplianceError as exc:  # an unreadable token file: fail closed, say why
+            log.error("token store unusable: %s", exc.message)
+            raise _Denied(grpc.StatusCode.UNAVAILABLE, "token store unavailable") from exc
+        if principal is None:
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked token")
+        return principal
+
+    def _describe(self, call: _Call, request: Any, metadata: Mapping[str, str]) -> None:
+        rule = self.rules.get(call.method)
+        if request is not None and rule is not None and rule.model_field:
+            call.model = str(getattr(request, rule.model_field, "") or "") or None
+        request_id = next(
+            (
+                str(v)
+                for name in _REQUEST_ID_FIELDS
+                if (v := getattr(request, name, "")) and isinstance(v, str)
+            ),
+            "",
+        )
+        if not request_id:
+            request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+            # echo the same id the audit trail holds (the servicer makes one only when empty)
+            if request is not None and hasattr(request, "request_id"):
+                request.request_id = request_id
+        call.request_id = request_id
+        if self.audit_texts and request is not None:
+            call.texts = _texts(request)
+
+    # -------------------------------------------------------------------------------- outcome
+
+    async def _fail(self, call: _Call, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Settle the call's final status. Denials and ApplianceErrors become precise aborts
+        (``abort`` raises; the wrapper's ``finally`` writes the record)."""
+        if isinstance(exc, _Denied | ApplianceError):
+            call.code = exc.code
+            call.details = exc.details if isinstance(exc, _Denied) else exc.message
+            await context.abort(call.code, call.details)
+        elif isinstance(exc, grpc.aio.AbortError):
+            call.code = _context_code(context) or grpc.StatusCode.UNKNOWN
+            call.details = _context_details(context)
+        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the client went away
+            call.code = grpc.StatusCode.CANCELLED
+        else:
+            call.code, call.details = grpc.StatusCode.UNKNOWN, f"unexpected {type(exc).__name__}"
+
+    async def _record(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        if call.code == grpc.StatusCode.OK:
+            code = _context_code(context)
+            if code is not None:  # the handler set a status without raising
+                call.code, call.details = code, _context_details(context)
+        record: dict[str, Any] = {
+            "time": call.time,
+            "rpc": call.method,
+            "caller": {"token": call.token, "cert": call.cert, "peer": call.peer},
+            "model": call.model,
+            "code": call.code.name,
+            "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
+            "request_id": call.request_id,
+        }
+        if call.details:
+            record["details"] = call.details
+        if call.texts is not None:
+            record["texts"] = call.texts
+        try:
+            if self.durable:
+                await self.audit.append_async(record)
+            else:
+                self.audit.append(record)
+        except AuditError:
+            log.exception("audit record lost for %s %s", call.method, call.request_id)
+            raise
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            found.setdefault(key.lower(), value)
+    return found
+
+
+def _peer_subject(context: grpc.aio.ServicerContext) -> str | None:
+    """The verified client certificate's subject, when the channel is mTLS."""
+    auth = context.auth_context() or {}
+    subject = auth.get("x509_subject")
+    if subject:
+        return bytes(next(iter(subject))).decode(errors="replace")
+    common_name = auth.get("x509_common_name")
+    if common_name:
+        return "CN=" + bytes(next(iter(common_name))).decode(errors="replace")
+    return None
+
+
+def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        return None
+    if code is None or code == grpc.StatusCode.OK:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+def _context_details(context: grpc.aio.ServicerContext) -> str:
+    try:
+        details = context.details()
+    except (AttributeError, NotImplementedError):
+        return ""
+    if isinstance(details, bytes):
+        return details.decode(errors="replace")
+    return str(details or "")
+
+
+def _texts(request: Any) -> list[str] | None:
+    """The user texts of a request: ``texts``, ``prompt`` and chat ``messages``."""
+    texts: list[str] = [str(t) for t in getattr(request, "texts", ()) or ()]
+    prompt = getattr(request, "prompt", "")
+    if isinstance(prompt, str) and prompt:
+        texts.append(prompt)
+    texts.extend(str(m.content) for m in getattr(request, "messages", ()) or () if hasattr(m, "content"))
+    return texts or None

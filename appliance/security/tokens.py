@@ -1,0 +1,270 @@
+"""Scoped bearer tokens, stored as salted hashes in ``$APPLIANCE_HOME/tokens/tokens.json``.
+
+A secret reads ``apl_<id>_<random>``: the id locates the record without a scan, the random part
+(256 bits) is the credential. The file keeps only ``pbkdf2_hmac(sha256, random, salt)``, so a
+copy of it does not let anyone call the server.
+
+The running server and the CLI share the file. Writers take an exclusive ``flock`` and replace
+the file atomically; readers ``stat`` it on every check and reload when it changed (a rename
+gives a new inode, so even a same-second change is seen). Revoking therefore takes effect on the
+next call, without a restart.
+
+Scopes: ``classify:<model>``, ``classify:*``, ``embed:<model>``, ``embed:*``, ``generate``,
+``models:read``, ``admin`` (which implies every other scope).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config import state_dir
+from appliance.errors import FailedPrecondition, InvalidArgument, NotFound
+from appliance.security.files import write_atomic
+
+TOKEN_PREFIX = "apl"
+LOCAL_ADMIN = "local-admin"
+# 10k rounds cost ~3 ms here. The secret already has 256 bits of entropy, so stretching is a
+# second line of defence only; verified secrets are cached in memory, keeping per-call cost ~µs.
+DEFAULT_ITERATIONS = 10_000
+_CACHE_LIMIT = 4096
+
+_SECRET = re.compile(r"^apl_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_MODEL = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_SCOPE = re.compile(rf"^(?:(?:classify|embed):(?:\*|{_MODEL})|generate|models:read|admin)$")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a verified token speaks for, and what it may do."""
+
+    name: str
+    token_id: str
+    scopes: frozenset[str]
+
+    def allows(self, required: str) -> bool:
+        return has_scope(self.scopes, required)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    name: str
+    token_id: str
+    scopes: tuple[str, ...]
+    created_at: str
+    revoked_at: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def parse_secret(secret: str) -> tuple[str, str] | None:
+    """``(token_id, random_part)`` of a well-formed secret, else None. Never raises on str input."""
+    match = _SECRET.fullmatch(secret)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def format_secret(token_id: str, random_part: str) -> str:
+    return f"{TOKEN_PREFIX}_{token_id}_{random_part}"
+
+
+def validate_scope(scope: str) -> str:
+    if not _SCOPE.fullmatch(scope):
+        raise InvalidArgument(
+            f"unknown scope {scope!r}; expected classify:<model>|classify:*, embed:<model>|embed:*, "
+            "generate, models:read or admin"
+        )
+    return scope
+
+
+def has_scope(granted: Iterable[str], required: str) -> bool:
+    """Whether ``granted`` covers ``required``: exactly, through a ``kind:*`` wildcard, or via admin."""
+    granted = frozenset(granted)
+    if "admin" in granted or required in granted:
+        return True
+    kind, sep, _ = required.partition(":")
+    return bool(sep) and kind in ("classify", "embed") and f"{kind}:*" in granted
+
+
+class TokenStore:
+    def __init__(self, path: str | os.PathLike[str] | None = None, iterations: int = DEFAULT_ITERATIONS):
+        self.path = Path(path) if path is not None else state_dir("tokens") / "tokens.json"
+        self.iterations = iterations
+        self._lock = threading.Lock()
+        self._records: dict[str, dict[str, Any]] = {}
+        self._signature: tuple[int, int, int] | None = None
+        # keyed digest of a verified secret -> token id; the key never leaves this process
+        self._cache_key = secrets.token_bytes(32)
+        self._verified: dict[bytes, str] = {}
+
+    # ------------------------------------------------------------------------------------ writes
+
+    def create(self, name: str, scopes: Iterable[str]) -> str:
+        """Create a token and return its secret; the secret is shown once and never stored."""
+        if not _NAME.fullmatch(name):
+            raise InvalidArgument(
+                f"token name {name!r} must be 1-64 characters of letters, digits, '.', '_', '@', '-'"
+            )
+        scope_list = sorted({validate_scope(s) for s in scopes})
+        if not scope_list:
+            raise InvalidArgument("a token needs at least one scope")
+        random_part = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        with self._locked_file() as records:
+            if any(r["name"] == name and r["revoked_at"] is None for r in records.values()):
+                raise FailedPrecondition(f"an active token named {name!r} exists; revoke it first")
+            token_id = secrets.token_hex(6)
+            while token_id in records:
+                token_id = secrets.token_hex(6)
+            records[token_id] = {
+                "id": token_id,
+                "name": name,
+                "scopes": scope_list,
+                "salt": _b64(salt),
+                "hash": _b64(self._hash(random_part, salt, self.iterations)),
+                "iterations": self.iterations,
+                "created_at": _now(),
+                "revoked_at": None,
+            }
+        return format_secret(token_id, random_part)
+
+    def revoke(self, name: str) -> TokenInfo:
+        with self._locked_file() as records:
+            for record in records.values():
+                if record["name"] == name and record["revoked_at"] is None:
+                    record["revoked_at"] = _now()
+                    return _info(record)
+        raise NotFound(f"no active token named {name!r}")
+
+    # ------------------------------------------------------------------------------------- reads
+
+    def list(self, include_revoked: bool = False) -> list[TokenInfo]:
+        with self._lock:
+            self._reload_if_changed()
+            infos = [_info(r) for r in self._records.values()]
+        return sorted((i for i in infos if include_revoked or i.active), key=lambda i: (i.name, i.created_at))
+
+    def verify(self, secret: str) -> Principal | None:
+        """The principal of an active token whose secret matches, else None."""
+        parsed = parse_secret(secret)
+        if parsed is None:
+            return None
+        token_id, random_part = parsed
+        digest = hmac.new(self._cache_key, secret.encode(), hashlib.sha256).digest()
+        with self._lock:
+            self._reload_if_changed()
+            record = self._records.get(token_id)
+            if record is None or record["revoked_at"] is not None:
+                return None
+            known = self._verified.get(digest) == token_id
+        if not known:
+            expected = base64.b64decode(record["hash"])
+            actual = self._hash(random_part, base64.b64decode(record["salt"]), int(record["iterations"]))
+            if not hmac.compare_digest(expected, actual):
+                return None
+            with self._lock:
+                if len(self._verified) >= _CACHE_LIMIT:
+                    self._verified.clear()
+                self._verified[digest] = token_id
+        return Principal(name=record["name"], token_id=token_id, scopes=frozenset(record["scopes"]))
+
+    # --------------------------------------------------------------------------------- internals
+
+    @staticmethod
+    def _hash(random_part: str, salt: bytes, iterations: int) -> bytes:
+        return hashlib.pbkdf2_hmac("sha256", random_part.encode(), salt, iterations)
+
+    def _reload_if_changed(self) -> None:
+        """Reload the file when its identity, size or mtime changed. Caller holds ``_lock``."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._signature is not None or self._records:
+                self._records, self._signature = {}, None
+                self._verified.clear()
+            return
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if signature != self._signature:
+            self._records = _read_records(self.path)
+            self._signature = signature
+            self._verified.clear()
+
+    @contextmanager
+    def _locked_file(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """Read-modify-write under an exclusive lock shared with other processes."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            records = _read_records(self.path) if self.path.exists() else {}
+            yield records
+            body = json.dumps({"version": 1, "tokens": list(records.values())}, indent=2) + "\n"
+            write_atomic(self.path, body.encode(), mode=0o600)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        with self._lock:
+            self._reload_if_changed()
+
+
+def ensure_local_admin_token(
+    store: TokenStore | None = None, token_file: str | os.PathLike[str] | None = None
+) -> str:
+    """An admin token for the local user, kept in ``$APPLIANCE_HOME/client/token`` (0600).
+
+    An existing file whose token still verifies as admin is kept. Otherwise a fresh ``local-admin``
+    token replaces it (revoking a previous one, whose secret is no longer known)."""
+    store = store or TokenStore()
+    path = Path(token_file) if token_file is not None else state_dir("client") / "token"
+    if path.exists():
+        existing = path.read_text().strip()
+        principal = store.verify(existing)
+        if principal is not None and "admin" in principal.scopes:
+            return existing
+    if any(t.name == LOCAL_ADMIN for t in store.list()):
+        store.revoke(LOCAL_ADMIN)
+    secret = store.create(LOCAL_ADMIN, ["admin"])
+    write_atomic(path, (secret + "\n").encode(), mode=0o600)
+    return secret
+
+
+def _read_records(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+        return {r["id"]: r for r in data["tokens"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FailedPrecondition(f"token file {path} is corrupt: {exc}") from exc
+
+
+def _info(record: dict[str, Any]) -> TokenInfo:
+    return TokenInfo(
+        name=record["name"],
+        token_id=record["id"],
+        scopes=tuple(record["scopes"]),
+        created_at=record["created_at"],
+        revoked_at=record["revoked_at"],
+    )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,154 @@
+"""Scoped tokens: creation, storage as salted hashes, verification, revocation, scope logic."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.errors import FailedPrecondition, InvalidArgument, NotFound
+from appliance.security.tokens import (
+    TokenStore,
+    ensure_local_admin_token,
+    format_secret,
+    has_scope,
+    parse_secret,
+    validate_scope,
+)
+
+
+def test_secret_verifies_and_is_not_stored(store):
+    secret = store.create("bob", ["classify:banking77", "models:read"])
+    principal = store.verify(secret)
+    assert principal is not None
+    assert principal.name == "bob"
+    assert principal.scopes == {"classify:banking77", "models:read"}
+    token_id, random_part = parse_secret(secret)
+    assert principal.token_id == token_id
+    text = store.path.read_text()
+    assert random_part not in text and secret not in text
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+def test_forged_and_malformed_secrets_fail(store):
+    secret = store.create("bob", ["generate"])
+    token_id, random_part = parse_secret(secret)
+    flipped = ("B" if random_part[0] == "A" else "A") + random_part[1:]
+    assert store.verify(format_secret(token_id, flipped)) is None
+    assert store.verify(format_secret("0" * 12, random_part)) is None
+    for bad in ("", "Bearer x", secret + "x", secret.upper(), "apl__" + random_part):
+        assert store.verify(bad) is None
+
+
+def test_each_token_has_its_own_salt(store):
+    store.create("a", ["generate"])
+    store.create("b", ["generate"])
+    records = json.loads(store.path.read_text())["tokens"]
+    assert records[0]["salt"] != records[1]["salt"]
+
+
+def test_revoke_is_seen_by_another_store_on_the_same_file(tmp_path):
+    server = TokenStore(tmp_path / "tokens.json", iterations=1_000)
+    cli = TokenStore(tmp_path / "tokens.json", iterations=1_000)
+    secret = cli.create("bob", ["generate"])
+    assert server.verify(secret) is not None  # cached after this
+    cli.revoke("bob")
+    assert server.verify(secret) is None
+    assert [t.name for t in server.list()] == []
+    assert [(t.name, t.active) for t in server.list(include_revoked=True)] == [("bob", False)]
+
+
+def test_names_and_scopes_are_checked(store):
+    with pytest.raises(InvalidArgument, match="unknown scope"):
+        store.create("bob", ["classify"])
+    with pytest.raises(InvalidArgument, match="at least one scope"):
+        store.create("bob", [])
+    with pytest.raises(InvalidArgument, match="token name"):
+        store.create("bob smith", ["admin"])
+    store.create("bob", ["admin"])
+    with pytest.raises(FailedPrecondition, match="revoke it first"):
+        store.create("bob", ["admin"])
+    with pytest.raises(NotFound, match="no active token named 'alice'"):
+        store.revoke("alice")
+    store.revoke("bob")
+    store.create("bob", ["generate"])  # a name is free again once revoked
+
+
+def test_corrupt_file_is_reported(store):
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    store.path.write_text("{not json")
+    with pytest.raises(FailedPrecondition, match="corrupt"):
+        store.verify(format_secret("0" * 12, "A" * 43))
+
+
+@pytest.mark.parametrize(
+    ("granted", "required", "allowed"),
+    [
+        ({"classify:bank"}, "classify:bank", True),
+        ({"classify:bank"}, "classify:other", False),
+        ({"classify:*"}, "classify:other", True),
+        ({"classify:*"}, "embed:bank", False),
+        ({"embed:*"}, "embed:bank", True),
+        ({"admin"}, "classify:bank", True),
+        ({"admin"}, "generate", True),
+        ({"models:read"}, "generate", False),
+        ({"generate"}, "generate", True),
+        ({"classify:*"}, "admin", False),
+        ({"models:*"}, "models:read", False),
+    ],
+)
+def test_scope_rules(granted, required, allowed):
+    assert has_scope(granted, required) is allowed
+
+
+def test_scope_grammar():
+    for good in ("classify:banking77", "classify:*", "embed:mini_lm.v2", "generate", "models:read", "admin"):
+        assert validate_scope(good) == good
+    for bad in ("classify:", "classify:a b", "generate:*", "models:write", "ADMIN", "embed:../x"):
+        with pytest.raises(InvalidArgument):
+            validate_scope(bad)
+
+
+def test_local_admin_token_is_written_once_and_reused(home):
+    store = TokenStore(iterations=1_000)
+    secret = ensure_local_admin_token(store)
+    path = home / "client" / "token"
+    assert path.read_text().strip() == secret
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert store.verify(secret).allows("admin")
+    assert ensure_local_admin_token(store) == secret
+    # a revoked local token is replaced, not returned
+    store.revoke("local-admin")
+    fresh = ensure_local_admin_token(store)
+    assert fresh != secret and store.verify(fresh) is not None
+
+
+_ids = st.text("0123456789abcdef", min_size=12, max_size=12)
+_randoms = st.text(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", min_size=43, max_size=43
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_ids, _randoms)
+def test_parse_inverts_format(token_id, random_part):
+    assert parse_secret(format_secret(token_id, random_part)) == (token_id, random_part)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_parse_never_raises_and_accepts_only_the_exact_shape(text):
+    parsed = parse_secret(text)
+    if parsed is not None:
+        assert format_secret(*parsed) == text
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(max_size=60))
+def test_verify_rejects_arbitrary_text(tmp_path_factory, text):
+    store = TokenStore(tmp_path_factory.mktemp("tok") / "tokens.json", iterations=1_000)
+    store.create("bob", ["admin"])
+    assert store.verify(text) is None
