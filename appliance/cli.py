@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real missing dependency, not an absent command module
-                raise
+            if exc.name is None or not name.startswith(exc.name):
+                raise  # a real missing dependency, not an absent command module
             continue
         module.register(sub)
     return parser

@@ -1,0 +1,113 @@
+"""``appliance train`` and ``appliance eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import ApplianceError
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    train = sub.add_parser("train", help="train and publish a specialist from a labelled file")
+    train.add_argument("--data", type=Path, required=True, help="CSV, TSV, JSONL or Parquet file")
+    train.add_argument("--text-column", default="text")
+    train.add_argument("--label-column", default="label")
+    train.add_argument("--name", required=True, help="model name in the store (a-z, 0-9, _ . -)")
+    train.add_argument("--mode", choices=("head", "finetune"), default="head")
+    train.add_argument("--eval-data", type=Path, help="held-out file (default: a stratified 10%% split)")
+    train.add_argument("--base", type=Path, help="local Hugging Face encoder folder (default: MiniLM-L6)")
+    train.add_argument("--max-minutes", type=float, default=45.0, help="finetune time budget")
+    train.add_argument("--target-precision", type=float, default=0.99)
+    train.add_argument("--few-shot", type=int, metavar="K", help="keep K examples per label")
+    train.add_argument("--checkpoint-dir", type=Path, help="finetune checkpoints (resumes if present)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    train.set_defaults(func=run_train)
+
+    ev = sub.add_parser("eval", help="evaluate a published specialist on a labelled file")
+    ev.add_argument("model", help="NAME or NAME:VERSION")
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--text-column", default="text")
+    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+    ev.set_defaults(func=run_eval)
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=float))
+        return
+    for key, value in result.items():
+        if not isinstance(value, dict | list):
+            print(f"{key:>24}: {value}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from appliance.factory.pipeline import TrainSpec, train
+
+    spec = TrainSpec(
+        data=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        name=args.name,
+        mode=args.mode,
+        eval_data=args.eval_data,
+        base=args.base,
+        max_minutes=args.max_minutes,
+        target_precision=args.target_precision,
+        few_shot=args.few_shot,
+        checkpoint_dir=args.checkpoint_dir,
+        seed=args.seed,
+    )
+    try:
+        result = train(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ApplianceError, ValueError, OSError) as exc:
+        return _fail(exc)
+    _emit(result.summary(), args.json)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from appliance.dataset import load_labelled
+    from appliance.engines.specialist import load_specialist
+    from appliance.factory.evaluate import evaluate, precision_at
+
+    try:
+        model = load_specialist(args.model)
+        data = load_labelled(args.data, args.text_column, args.label_column)
+    except (ApplianceError, ValueError, OSError) as exc:
+        return _fail(exc)
+    index = {label: i for i, label in enumerate(model.labels)}
+    unknown = sorted(set(data.labels) - set(index))
+    if unknown:
+        return _fail(ValueError(f"{args.data}: labels unknown to {model.name}: {unknown[:5]}"))
+    y = np.array([index[x] for x in data.labels])
+    probs, truncated = model.probs(data.texts)
+    report = evaluate(probs, y, model.labels)
+    coverage, precision = precision_at(probs, y, model.threshold)
+    result = {
+        "model": f"{model.name}:{model.version}",
+        "n": report.n,
+        "accuracy": report.accuracy,
+        "macro_f1": report.macro_f1,
+        "ece": report.ece,
+        "threshold": model.threshold,
+        "coverage_at_threshold": coverage,
+        "precision_at_threshold": precision,
+        "precision": model.precision,
+        "truncated": int(sum(truncated)),
+        "confused_pairs": report.confused_pairs[:5],
+    }
+    _emit(result, args.json)
+    return 0

@@ -1,0 +1,151 @@
+"""Evaluation: accuracy, macro-F1, per-class report, confusions, calibration, risk-coverage.
+
+The confidence threshold is what the cascade uses: decisions at or above it are automated by the
+specialist; the rest go to the generalist. It is picked on held-out data as the lowest
+confidence that keeps the automated decisions' precision at the target (default 0.99), which
+maximises coverage (the automation rate) subject to that precision.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+ECE_BINS = 15
+CURVE_POINTS = 21
+
+
+@dataclass(frozen=True)
+class Calibration:
+    target_precision: float
+    threshold: float
+    coverage: float  # share of decisions with confidence >= threshold
+    precision: float  # accuracy among those decisions
+
+
+@dataclass
+class Report:
+    n: int
+    accuracy: float
+    macro_f1: float
+    ece: float
+    calibration: Calibration
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    confused_pairs: list[dict[str, Any]] = field(default_factory=list)
+    risk_coverage: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+            "threshold": self.calibration.threshold,
+            "coverage_at_threshold": self.calibration.coverage,
+            "precision_at_threshold": self.calibration.precision,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    out: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
+    return out
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def calibrate_threshold(confidence: np.ndarray, correct: np.ndarray, target: float) -> Calibration:
+    """The threshold with the largest coverage whose selective precision reaches ``target``."""
+    order = np.argsort(-confidence, kind="stable")
+    conf_sorted = confidence[order]
+    hits = np.cumsum(correct[order])
+    counts = np.arange(1, len(order) + 1)
+    precision = hits / counts
+    # A cut between equal confidences can't be served: only the last index of each tie counts.
+    last_of_tie = np.append(conf_sorted[1:] != conf_sorted[:-1], True)
+    ok = np.flatnonzero((precision >= target) & last_of_tie)
+    if ok.size == 0:
+        return Calibration(target, threshold=1.0 + 1e-6, coverage=0.0, precision=float("nan"))
+    k = int(ok[-1])
+    return Calibration(
+        target,
+        threshold=float(conf_sorted[k]),
+        coverage=float(counts[k] / len(order)),
+        precision=float(precision[k]),
+    )
+
+
+def risk_coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> list[dict[str, float]]:
+    order = np.argsort(-confidence, kind="stable")
+    hits = np.cumsum(correct[order])
+    n = len(order)
+    points = []
+    for coverage in np.linspace(1.0 / CURVE_POINTS, 1.0, CURVE_POINTS - 1):
+        k = max(1, round(coverage * n))
+        points.append(
+            {
+                "coverage": float(k / n),
+                "risk": float(1.0 - hits[k - 1] / k),
+                "threshold": float(confidence[order][k - 1]),
+            }
+        )
+    return points
+
+
+def evaluate(probs: np.ndarray, y: np.ndarray, labels: list[str], target_precision: float = 0.99) -> Report:
+    """``probs`` ``[n, C]`` in label order; ``y`` the true label indices."""
+    pred = probs.argmax(axis=1)
+    confidence = probs[np.arange(len(pred)), pred]
+    correct = (pred == y).astype(np.float64)
+    per_class: dict[str, dict[str, float]] = {}
+    f1s = []
+    for c, label in enumerate(labels):
+        tp = float(np.sum((pred == c) & (y == c)))
+        predicted = float(np.sum(pred == c))
+        support = float(np.sum(y == c))
+        if support == 0 and predicted == 0:
+            continue
+        p = tp / predicted if predicted else 0.0
+        r = tp / support if support else 0.0
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        f1s.append(f1)
+        per_class[label] = {"precision": p, "recall": r, "f1": f1, "support": support}
+    confusions = Counter((int(t), int(p)) for t, p in zip(y, pred, strict=True) if t != p)
+    pairs = [
+        {"true": labels[t], "predicted": labels[p], "count": n} for (t, p), n in confusions.most_common(10)
+    ]
+    return Report(
+        n=len(y),
+        accuracy=float(correct.mean()),
+        macro_f1=float(np.mean(f1s)) if f1s else 0.0,
+        ece=expected_calibration_error(confidence, correct),
+        calibration=calibrate_threshold(confidence, correct, target_precision),
+        per_class=per_class,
+        confused_pairs=pairs,
+        risk_coverage=risk_coverage_curve(confidence, correct),
+    )
+
+
+def precision_at(probs: np.ndarray, y: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(coverage, precision) of decisions at or above a fixed threshold."""
+    pred = probs.argmax(axis=1)
+    confidence = probs[np.arange(len(pred)), pred]
+    kept = confidence >= threshold
+    if not kept.any():
+        return 0.0, float("nan")
+    return float(kept.mean()), float((pred[kept] == y[kept]).mean())

@@ -1,0 +1,119 @@
+"""Encoder export: Hugging Face encoder → ONNX (mean-pooled rows) → fused → int8.
+
+The exported graph takes ``input_ids`` and ``attention_mask`` ``[batch, seq]`` and returns the
+masked mean of the last hidden states, ``pooled [batch, dim]``. Normalisation and the head stay
+outside the graph, so one encoder artifact serves every specialist built on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+# Tokenizer files copied next to the ONNX graph so an encoder artifact is self-contained.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+class MeanPooledEncoder(nn.Module):
+    """Wraps an encoder so its output is the attention-masked mean of the token states."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return masked_mean(states, attention_mask)
+
+
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    # clamp: an all-padding row pools to zeros instead of NaN
+    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def export_onnx(encoder: nn.Module, out_path: Path) -> Path:
+    """Export ``encoder`` (a Hugging Face ``AutoModel``) with dynamic batch and sequence axes."""
+    model = MeanPooledEncoder(encoder).eval()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (ids, mask),
+            str(out_path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["pooled"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "seq"},
+                "pooled": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return out_path
+
+
+def fuse(onnx_path: Path, out_path: Path, num_heads: int, hidden_size: int) -> Path:
+    """ONNX Runtime transformer fusion (attention, layer norm, GELU) for BERT-style encoders."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(
+        str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1
+    )
+    optimized.save_model_to_file(str(out_path))
+    return out_path
+
+
+def quantize_int8(onnx_path: Path, out_path: Path) -> Path:
+    """Dynamic int8, per-channel weights.
+
+    Per-channel keeps the embedding cosine near 0.99 on MiniLM, where per-tensor falls to 0.97
+    and costs more than half a point of Banking77 accuracy (ENVIRONMENT.md).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(onnx_path),
+        str(out_path),
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        # fused contrib ops carry no inferred types; their tensors are float
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return out_path
+
+
+def export_encoder_folders(base: Path, out_dir: Path, encoder: nn.Module | None = None) -> dict[str, Path]:
+    """Write ``out_dir/fp32`` and ``out_dir/int8``, each a self-contained encoder folder
+    (fused ``model.onnx`` plus tokenizer files), ready for :meth:`ModelStore.put_encoder`.
+
+    ``encoder`` overrides the weights in ``base`` (a fine-tuned encoder); the tokenizer and the
+    architecture always come from ``base``.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    if encoder is None:
+        encoder = AutoModel.from_pretrained(base, local_files_only=True)
+    folders = {"fp32": out_dir / "fp32", "int8": out_dir / "int8"}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (base / name).exists():
+                shutil.copy2(base / name, folder / name)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = export_onnx(encoder, Path(tmp) / "raw.onnx")
+        fuse(raw, folders["fp32"] / "model.onnx", config.num_attention_heads, config.hidden_size)
+    quantize_int8(folders["fp32"] / "model.onnx", folders["int8"] / "model.onnx")
+    return folders

