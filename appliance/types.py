@@ -44,6 +44,7 @@ class Decision:
     cost: Cost
     probs: np.ndarray | None = None  # the specialist's full distribution, in label order
     escalation_id: str = ""
+    fallback: bool = False  # the policy needed the generalist, none was configured, the specialist answered
 
 
 @dataclass(frozen=True)

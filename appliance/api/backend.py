@@ -22,8 +22,14 @@ class Backend(Protocol):
         policy: Policy | None = None,
         timeout: float | None = None,
         want_probs: bool = False,
+        allow_fallback: bool = False,
+        request_id: str = "",
     ) -> ClassifyOutcome:
-        """Classify ``texts`` with ``model`` ("NAME" or "NAME:VERSION")."""
+        """Classify ``texts`` with ``model`` ("NAME" or "NAME:VERSION").
+
+        ``allow_fallback``: when the policy needs the generalist and none is configured, answer
+        with the specialist instead of failing with FAILED_PRECONDITION.
+        """
         ...
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedOutcome: ...

@@ -78,21 +78,23 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_call: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_input_tokens: _Optional[int] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "texts", "top_k", "policy", "request_id")
+    __slots__ = ("model", "texts", "top_k", "policy", "request_id", "allow_fallback")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     model: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     policy: Policy
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    allow_fallback: bool
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ..., request_id: _Optional[str] = ..., allow_fallback: _Optional[bool] = ...) -> None: ...
 
 class Classification(_message.Message):
-    __slots__ = ("label", "confidence", "top", "truncated", "route", "latency_ms", "cost", "escalation_id")
+    __slots__ = ("label", "confidence", "top", "truncated", "route", "latency_ms", "cost", "escalation_id", "fallback")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,7 @@ class Classification(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
     label: str
     confidence: float
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
@@ -109,7 +112,8 @@ class Classification(_message.Message):
     latency_ms: float
     cost: Cost
     escalation_id: str
-    def __init__(self, label: _Optional[str] = ..., confidence: _Optional[float] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., truncated: _Optional[bool] = ..., route: _Optional[_Union[Route, str]] = ..., latency_ms: _Optional[float] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., escalation_id: _Optional[str] = ...) -> None: ...
+    fallback: bool
+    def __init__(self, label: _Optional[str] = ..., confidence: _Optional[float] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., truncated: _Optional[bool] = ..., route: _Optional[_Union[Route, str]] = ..., latency_ms: _Optional[float] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., escalation_id: _Optional[str] = ..., fallback: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("model", "version", "precision", "results", "request_id")

@@ -1,0 +1,210 @@
+"""The gRPC front end: both APIs on one port, behind TLS, tokens and the audit trail.
+
+- ``appliance.v1`` (Inference, Generation, Model, Admin) and KServe v2 ``inference`` services.
+- ``grpc.health.v1`` per service: inference services report NOT_SERVING until their models are
+  warm, and every service turns NOT_SERVING the moment a shutdown starts.
+- Server reflection, so that grpcurl and other generic tools can discover the API.
+- TLS by default (mTLS with ``require_client_cert``); plaintext only on a loopback bind, and
+  only when asked for (``insecure_loopback``).
+- Message size limits, deadlines passed down to the batcher, graceful shutdown: new calls get
+  UNAVAILABLE, calls in flight finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from appliance._proto.appliance.v1 import appliance_pb2 as pb
+from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
+from appliance._proto.inference import grpc_service_pb2 as kserve_pb
+from appliance._proto.inference import grpc_service_pb2_grpc as kserve_grpc
+from appliance.api.backend import Backend
+from appliance.api.kserve import KServeServicer, reflection_pool
+from appliance.api.servicers import AdminServicer, GenerationServicer, InferenceServicer, ModelServicer
+from appliance.errors import FailedPrecondition
+from appliance.serve.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICES = (
+    "appliance.v1.InferenceService",
+    "inference.GRPCInferenceService",
+)
+GENERATION_SERVICE = "appliance.v1.GenerationService"
+CONTROL_SERVICES = ("appliance.v1.ModelService", "appliance.v1.AdminService")
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    insecure_loopback: bool = False  # plaintext, allowed on loopback binds only
+    require_client_cert: bool = False  # mTLS
+    pki_dir: Path | None = None
+    auth: bool = True  # bearer tokens with scopes
+    open_health: bool | None = None  # None: open on loopback binds only
+    open_reflection: bool = False
+    audit_texts: bool = False
+    max_message_bytes: int = 32 * MiB
+    grace_seconds: float = 5.0
+
+    @property
+    def bind(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _is_loopback(host: str) -> bool:
+    from appliance.security.interceptor import is_loopback
+
+    return is_loopback(host)
+
+
+class ApplianceServer:
+    """Owns the grpc.aio server, its health states, and the security pieces it was built with."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: ServerSettings,
+        metrics: ServingMetrics | None = None,
+        generalist: Any = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.generalist = generalist  # object with async generate(...) and a `ready` flag, or None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._audit: Any = None
+        self._watch: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ building
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if not self.settings.auth:
+            return []
+        from appliance.security.audit import AuditLog
+        from appliance.security.interceptor import AuthAuditInterceptor, open_prefixes
+        from appliance.security.tokens import TokenStore
+
+        self._audit = AuditLog()
+        opened = open_prefixes(
+            bind_address=self.settings.bind,
+            health=self.settings.open_health,
+            reflection=self.settings.open_reflection,
+        )
+        return [
+            AuthAuditInterceptor(
+                TokenStore(), self._audit, open_methods=opened, audit_texts=self.settings.audit_texts
+            )
+        ]
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        if self.settings.insecure_loopback:
+            if not _is_loopback(self.settings.host):
+                raise FailedPrecondition(
+                    f"refusing plaintext on {self.settings.host}: --insecure-loopback binds to loopback only"
+                )
+            return None
+        from appliance.security.pki import server_credentials
+
+        return server_credentials(self.settings.pki_dir, self.settings.require_client_cert)
+
+    async def start(self) -> int:
+        credentials = self._credentials()
+        limit = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=self._interceptors(),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # port 0 must mean a port of our own
+            ],
+        )
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.backend, self.metrics), server)
+        pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.backend, self.metrics), server)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.backend, self.metrics), server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.backend), server)
+        if self.generalist is not None:
+            pb_grpc.add_GenerationServiceServicer_to_server(
+                GenerationServicer(self.generalist, self.metrics), server
+            )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = [
+            *INFERENCE_SERVICES,
+            *CONTROL_SERVICES,
+            *([GENERATION_SERVICE] if self.generalist is not None else []),
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ]
+        pool = reflection_pool(
+            pb.DESCRIPTOR, kserve_pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR
+        )
+        reflection.enable_server_reflection(services, server, pool=pool)
+        bind = self.settings.bind
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+        if port == 0:
+            raise FailedPrecondition(f"could not bind {bind}")
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in CONTROL_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        self._server, self.port = server, port
+        self._watch = asyncio.get_running_loop().create_task(self._track_readiness())
+        log.info(
+            "gRPC listening on %s (port %d, %s)", bind, port, "plaintext" if credentials is None else "TLS"
+        )
+        return port
+
+    # ------------------------------------------------------------------ health
+    async def _set_all(self, status: int) -> None:
+        for name in (*INFERENCE_SERVICES, *CONTROL_SERVICES, GENERATION_SERVICE, ""):
+            await self.health.set(name, status)
+
+    async def _track_readiness(self) -> None:
+        """Mirror backend and generalist readiness into the health service."""
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        while True:
+            ready = self.backend.is_ready()
+            for name in INFERENCE_SERVICES:
+                await self.health.set(name, serving if ready else not_serving)
+            await self.health.set("", serving if ready else not_serving)
+            if self.generalist is not None:
+                gen_ready = bool(getattr(self.generalist, "ready", False))
+                await self.health.set(GENERATION_SERVICE, serving if gen_ready else not_serving)
+            await asyncio.sleep(0.25)
+
+    # ------------------------------------------------------------------ shutdown
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: report NOT_SERVING, refuse new calls, let calls in flight finish."""
+        if self._server is None:
+            return
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        close = getattr(self.backend, "close", None)
+        grace = self.settings.grace_seconds if grace is None else grace
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        if close is not None:
+            await close()
+        await stopping
+        self._server = None
+        if self._audit is not None:
+            self._audit.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,271 @@
+"""``appliance.v1`` servicers: protobuf in and out, everything else in the Backend.
+
+Each handler validates nothing itself beyond protobuf shapes; limits, model resolution and
+routing live in the backend so that both APIs (this one and KServe v2) behave the same.
+Errors raised below surface as their own gRPC status through :func:`guard`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from appliance._proto.appliance.v1 import appliance_pb2 as pb
+from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
+from appliance.api.backend import Backend
+from appliance.errors import ApplianceError, DeadlineExceeded, Unavailable
+from appliance.serve.metrics import ServingMetrics
+from appliance.types import Cost, Decision, ModelDescription, Policy, Route
+
+T = TypeVar("T")
+
+_POLICY_FROM_PB = {
+    pb.POLICY_SPECIALIST_ONLY: Policy.SPECIALIST_ONLY,
+    pb.POLICY_CASCADE: Policy.CASCADE,
+    pb.POLICY_GENERALIST_ONLY: Policy.GENERALIST_ONLY,
+}
+_POLICY_TO_PB = {v: k for k, v in _POLICY_FROM_PB.items()}
+_ROUTE_TO_PB = {Route.SPECIALIST: pb.ROUTE_SPECIALIST, Route.GENERALIST: pb.ROUTE_GENERALIST}
+_PRECISION_TO_PB = {"fp32": pb.PRECISION_FP32, "int8": pb.PRECISION_INT8, "fp16": pb.PRECISION_FP16}
+_KIND_TO_PB = {"classifier": pb.MODEL_KIND_CLASSIFIER, "span_extractor": pb.MODEL_KIND_SPAN_EXTRACTOR}
+
+
+async def guard(
+    context: grpc.aio.ServicerContext,
+    metrics: ServingMetrics | None,
+    method: str,
+    model: str,
+    call: Callable[[], Awaitable[T]],
+) -> T:
+    """Run ``call``; map ApplianceError (and timeouts) to their gRPC status; count and time it."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        return await call()
+    except ApplianceError as exc:
+        code = exc.code
+        await context.abort(exc.code, exc.message)
+    except TimeoutError:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+        await context.abort(code, "deadline exceeded while the request was being served")
+    finally:
+        if metrics is not None:
+            metrics.requests.labels(method, model, code.name).inc()
+            metrics.latency.labels(method, model).observe(time.perf_counter() - started)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def remaining(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds left before the caller's deadline, or None; an expired one fails at once."""
+    left = context.time_remaining()
+    if left is None:
+        return None
+    if left <= 0:
+        raise DeadlineExceeded("the deadline expired before the request was served")
+    return float(left)
+
+
+def request_id(given: str) -> str:
+    return given or uuid.uuid4().hex
+
+
+def cost_pb(cost: Cost) -> pb.Cost:
+    return pb.Cost(
+        core_seconds=cost.core_seconds,
+        accelerator_seconds=cost.accelerator_seconds,
+        price=cost.price,
+        currency=cost.currency,
+    )
+
+
+def decision_pb(d: Decision) -> pb.Classification:
+    return pb.Classification(
+        label=d.label,
+        confidence=d.confidence,
+        top=[pb.LabelScore(label=label, score=score) for label, score in d.top],
+        truncated=d.truncated,
+        route=_ROUTE_TO_PB[d.route],
+        latency_ms=d.latency_ms,
+        cost=cost_pb(d.cost),
+        escalation_id=d.escalation_id,
+        fallback=d.fallback,
+    )
+
+
+def model_info_pb(d: ModelDescription) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=d.name,
+        version=d.version,
+        kind=_KIND_TO_PB.get(d.kind, pb.MODEL_KIND_UNSPECIFIED),
+        labels=d.labels,
+        metrics=d.metrics,
+        threshold=d.threshold,
+        coverage_at_threshold=d.coverage_at_threshold,
+        precision_at_threshold=d.precision_at_threshold,
+        precision=_PRECISION_TO_PB.get(d.precision, pb.PRECISION_UNSPECIFIED),
+        limits=pb.Limits(
+            max_texts_per_call=d.limits.max_texts_per_call,
+            max_text_bytes=d.limits.max_text_bytes,
+            max_input_tokens=d.limits.max_input_tokens,
+        ),
+        default_policy=_POLICY_TO_PB.get(d.default_policy, pb.POLICY_UNSPECIFIED),
+        encoder_id=d.encoder_id,
+        created_at=d.created_at,
+        loaded=d.loaded,
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
+        self.backend = backend
+        self.metrics = metrics
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        rid = request_id(request.request_id)
+
+        async def run() -> pb.ClassifyResponse:
+            outcome = await self.backend.classify(
+                request.model,
+                list(request.texts),
+                top_k=request.top_k or 1,
+                policy=_POLICY_FROM_PB.get(request.policy),
+                timeout=remaining(context),
+                allow_fallback=request.allow_fallback,
+                request_id=rid,
+            )
+            if self.metrics is not None:
+                self.metrics.texts.labels(outcome.model).inc(len(outcome.decisions))
+            return pb.ClassifyResponse(
+                model=outcome.model,
+                version=outcome.version,
+                precision=_PRECISION_TO_PB.get(outcome.precision, pb.PRECISION_UNSPECIFIED),
+                results=[decision_pb(d) for d in outcome.decisions],
+                request_id=rid,
+            )
+
+        return await guard(context, self.metrics, "Classify", request.model, run)
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        rid = request_id(request.request_id)
+
+        async def run() -> pb.EmbedResponse:
+            outcome = await self.backend.embed(request.model, list(request.texts), timeout=remaining(context))
+            return pb.EmbedResponse(
+                model=outcome.model,
+                version=outcome.version,
+                dim=int(outcome.vectors.shape[1]),
+                embeddings=[
+                    pb.Embedding(values=row.tolist(), truncated=t)
+                    for row, t in zip(outcome.vectors, outcome.truncated, strict=True)
+                ],
+                request_id=rid,
+            )
+
+        return await guard(context, self.metrics, "Embed", request.model, run)
+
+
+class ModelServicer(pb_grpc.ModelServiceServicer):
+    def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
+        self.backend = backend
+        self.metrics = metrics
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        async def run() -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(
+                models=[
+                    pb.ModelSummary(
+                        name=d.name,
+                        version=d.version,
+                        available_versions=d.available_versions,
+                        kind=_KIND_TO_PB.get(d.kind, pb.MODEL_KIND_UNSPECIFIED),
+                        precision=_PRECISION_TO_PB.get(d.precision, pb.PRECISION_UNSPECIFIED),
+                        loaded=d.loaded,
+                    )
+                    for d in self.backend.list_models()
+                ]
+            )
+
+        return await guard(context, self.metrics, "ListModels", "", run)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async def run() -> pb.ModelInfo:
+            return model_info_pb(self.backend.describe(request.model))
+
+        return await guard(context, self.metrics, "GetModel", request.model, run)
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
+        self.backend = backend
+        self.metrics = metrics
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        async def run() -> pb.LoadModelResponse:
+            description, previous = await self.backend.load_model(request.model)
+            return pb.LoadModelResponse(model=model_info_pb(description), previous_version=previous)
+
+        return await guard(context, self.metrics, "LoadModel", request.model, run)
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        async def run() -> pb.UnloadModelResponse:
+            return pb.UnloadModelResponse(unloaded_version=await self.backend.unload_model(request.model))
+
+        return await guard(context, self.metrics, "UnloadModel", request.model, run)
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """Streams from the generalist; the backend's ``generate`` yields GenerationChunk-like objects."""
+
+    def __init__(self, backend: Any, metrics: ServingMetrics | None = None) -> None:
+        self.backend = backend
+        self.metrics = metrics
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        rid = request_id(request.request_id)
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if getattr(self.backend, "draining", False):
+                raise Unavailable("the server is shutting down")
+            stream = self.backend.generate(
+                prompt=request.prompt or None,
+                messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+                max_tokens=request.max_tokens or None,
+                temperature=request.temperature,
+                stop=list(request.stop),
+                request_id=rid,
+                timeout=remaining(context),
+            )
+            async for chunk in stream:
+                yield pb.GenerateResponse(
+                    text=chunk.text,
+                    finished=chunk.finished,
+                    finish_reason=chunk.finish_reason or "",
+                    usage=pb.Usage(
+                        prompt_tokens=chunk.prompt_tokens or 0, completion_tokens=chunk.completion_tokens or 0
+                    ),
+                    cost=cost_pb(chunk.cost) if getattr(chunk, "cost", None) else pb.Cost(),
+                    request_id=rid,
+                    prompt_truncated=bool(getattr(chunk, "prompt_truncated", False)),
+                )
+        except ApplianceError as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        finally:
+            if self.metrics is not None:
+                self.metrics.requests.labels("Generate", "generalist", code.name).inc()
+                self.metrics.latency.labels("Generate", "generalist").observe(time.perf_counter() - started)

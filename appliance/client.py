@@ -1,0 +1,355 @@
+"""Typed Python clients for ``appliance.v1``: :class:`Client` (blocking) and :class:`AsyncClient`.
+
+With no arguments they find the local appliance: the address in ``$APPLIANCE_HOME/run/
+server.json``, the local CA for TLS, and the admin token that ``appliance serve`` created (or
+``$APPLIANCE_TOKEN``). Errors surface as ``grpc.RpcError`` with the server's status and message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from appliance._proto.appliance.v1 import appliance_pb2 as pb
+from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
+from appliance.config import appliance_home
+
+POLICIES = {
+    None: pb.POLICY_UNSPECIFIED,
+    "specialist_only": pb.POLICY_SPECIALIST_ONLY,
+    "cascade": pb.POLICY_CASCADE,
+    "generalist_only": pb.POLICY_GENERALIST_ONLY,
+}
+ROUTES = {pb.ROUTE_SPECIALIST: "specialist", pb.ROUTE_GENERALIST: "generalist", pb.ROUTE_UNSPECIFIED: ""}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One text's answer."""
+
+    label: str
+    confidence: float
+    top: list[tuple[str, float]]
+    route: str
+    truncated: bool
+    latency_ms: float
+    core_seconds: float
+    accelerator_seconds: float
+    price: float
+    currency: str
+    escalation_id: str
+    fallback: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "confidence": self.confidence,
+            "top": [{"label": label, "score": score} for label, score in self.top],
+            "route": self.route,
+            "truncated": self.truncated,
+            "latency_ms": self.latency_ms,
+            "cost": {
+                "core_seconds": self.core_seconds,
+                "accelerator_seconds": self.accelerator_seconds,
+                "price": self.price,
+                "currency": self.currency,
+            },
+            "escalation_id": self.escalation_id,
+            "fallback": self.fallback,
+        }
+
+
+@dataclass(frozen=True)
+class Classified:
+    model: str
+    version: int
+    results: list[Result]
+    request_id: str
+
+
+def _result(c: pb.Classification) -> Result:
+    return Result(
+        label=c.label,
+        confidence=c.confidence,
+        top=[(t.label, t.score) for t in c.top],
+        route=ROUTES.get(c.route, ""),
+        truncated=c.truncated,
+        latency_ms=c.latency_ms,
+        core_seconds=c.cost.core_seconds,
+        accelerator_seconds=c.cost.accelerator_seconds,
+        price=c.cost.price,
+        currency=c.cost.currency,
+        escalation_id=c.escalation_id,
+        fallback=c.fallback,
+    )
+
+
+def _classified(r: pb.ClassifyResponse) -> Classified:
+    return Classified(r.model, r.version, [_result(c) for c in r.results], r.request_id)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to reach the appliance."""
+
+    address: str
+    tls: bool = True
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    token: str | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def discover(
+        cls,
+        address: str | None = None,
+        token: str | None = None,
+        tls: bool | None = None,
+        client_name: str | None = None,
+    ) -> Connection:
+        home = appliance_home()
+        run = home / "run" / "server.json"
+        info: dict[str, Any] = json.loads(run.read_text()) if run.is_file() else {}
+        if address is None:
+            if not info:
+                raise ConnectionError(
+                    f"no running appliance found ({run} is absent); start one with `appliance serve`"
+                )
+            address = f"{info['host']}:{info['port']}"
+        if tls is None:
+            tls = bool(info.get("tls", True))
+        if token is None:
+            token = os.environ.get("APPLIANCE_TOKEN")
+        token_file = home / "client" / "token"
+        if token is None and token_file.is_file():
+            token = token_file.read_text().strip()
+        pki = home / "pki"
+        cert = key = None
+        if client_name:
+            cert, key = pki / "clients" / f"{client_name}.crt", pki / "clients" / f"{client_name}.key"
+        return cls(address, tls, pki / "ca.crt" if tls else None, cert, key, token)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: Path | None) -> bytes | None:
+            return p.read_bytes() if p is not None else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+    def options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
+        if self.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.server_name))
+        return opts
+
+
+def _classify_request(
+    model: str, texts: Sequence[str], top_k: int, policy: str | None, allow_fallback: bool, request_id: str
+) -> pb.ClassifyRequest:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; use one of {[p for p in POLICIES if p]}")
+    return pb.ClassifyRequest(
+        model=model,
+        texts=list(texts),
+        top_k=top_k,
+        policy=POLICIES[policy],
+        allow_fallback=allow_fallback,
+        request_id=request_id,
+    )
+
+
+class Client:
+    """Blocking client. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, connection: Connection | None = None) -> None:
+        self.connection = connection or Connection.discover()
+        c = self.connection
+        self.channel = (
+            grpc.secure_channel(c.address, c.credentials(), c.options())
+            if c.tls
+            else grpc.insecure_channel(c.address, c.options())
+        )
+        self._inference = pb_grpc.InferenceServiceStub(self.channel)
+        self._models = pb_grpc.ModelServiceStub(self.channel)
+        self._admin = pb_grpc.AdminServiceStub(self.channel)
+        self._generation = pb_grpc.GenerationServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def classify(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        top_k: int = 1,
+        policy: str | None = None,
+        allow_fallback: bool = False,
+        timeout: float | None = 30.0,
+        request_id: str = "",
+    ) -> Classified:
+        request = _classify_request(model, texts, top_k, policy, allow_fallback, request_id)
+        return _classified(
+            self._inference.Classify(request, timeout=timeout, metadata=self.connection.metadata())
+        )
+
+    def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = 30.0) -> pb.EmbedResponse:
+        request = pb.EmbedRequest(model=model, texts=list(texts))
+        return self._inference.Embed(request, timeout=timeout, metadata=self.connection.metadata())
+
+    def list_models(self, *, timeout: float | None = 10.0) -> pb.ListModelsResponse:
+        return self._models.ListModels(
+            pb.ListModelsRequest(), timeout=timeout, metadata=self.connection.metadata()
+        )
+
+    def get_model(self, model: str, *, timeout: float | None = 10.0) -> pb.ModelInfo:
+        request = pb.GetModelRequest(model=model)
+        return self._models.GetModel(request, timeout=timeout, metadata=self.connection.metadata())
+
+    def load_model(self, model: str, *, timeout: float | None = 300.0) -> pb.LoadModelResponse:
+        request = pb.LoadModelRequest(model=model)
+        return self._admin.LoadModel(request, timeout=timeout, metadata=self.connection.metadata())
+
+    def unload_model(self, model: str, *, timeout: float | None = 30.0) -> pb.UnloadModelResponse:
+        request = pb.UnloadModelRequest(model=model)
+        return self._admin.UnloadModel(request, timeout=timeout, metadata=self.connection.metadata())
+
+    def generate(
+        self,
+        prompt: str = "",
+        *,
+        messages: Sequence[tuple[str, str]] = (),
+        max_tokens: int = 0,
+        temperature: float = 0.0,
+        stop: Sequence[str] = (),
+        timeout: float | None = 120.0,
+    ) -> Iterator[pb.GenerateResponse]:
+        request = pb.GenerateRequest(
+            prompt=prompt,
+            messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=list(stop),
+        )
+        yield from self._generation.Generate(request, timeout=timeout, metadata=self.connection.metadata())
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        response = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout,
+            metadata=self.connection.metadata(),
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+class AsyncClient:
+    """asyncio client with the same methods as :class:`Client`."""
+
+    def __init__(self, connection: Connection | None = None) -> None:
+        self.connection = connection or Connection.discover()
+        c = self.connection
+        self.channel = (
+            grpc.aio.secure_channel(c.address, c.credentials(), c.options())
+            if c.tls
+            else grpc.aio.insecure_channel(c.address, c.options())
+        )
+        self._inference = pb_grpc.InferenceServiceStub(self.channel)
+        self._models = pb_grpc.ModelServiceStub(self.channel)
+        self._admin = pb_grpc.AdminServiceStub(self.channel)
+        self._generation = pb_grpc.GenerationServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def classify(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        top_k: int = 1,
+        policy: str | None = None,
+        allow_fallback: bool = False,
+        timeout: float | None = 30.0,
+        request_id: str = "",
+    ) -> Classified:
+        request = _classify_request(model, texts, top_k, policy, allow_fallback, request_id)
+        response = await self._inference.Classify(
+            request, timeout=timeout, metadata=self.connection.metadata()
+        )
+        return _classified(response)
+
+    async def embed(
+        self, model: str, texts: Sequence[str], *, timeout: float | None = 30.0
+    ) -> pb.EmbedResponse:
+        request = pb.EmbedRequest(model=model, texts=list(texts))
+        return await self._inference.Embed(request, timeout=timeout, metadata=self.connection.metadata())
+
+    async def list_models(self, *, timeout: float | None = 10.0) -> pb.ListModelsResponse:
+        request = pb.ListModelsRequest()
+        return await self._models.ListModels(request, timeout=timeout, metadata=self.connection.metadata())
+
+    async def get_model(self, model: str, *, timeout: float | None = 10.0) -> pb.ModelInfo:
+        request = pb.GetModelRequest(model=model)
+        return await self._models.GetModel(request, timeout=timeout, metadata=self.connection.metadata())
+
+    async def load_model(self, model: str, *, timeout: float | None = 300.0) -> pb.LoadModelResponse:
+        request = pb.LoadModelRequest(model=model)
+        return await self._admin.LoadModel(request, timeout=timeout, metadata=self.connection.metadata())
+
+    async def unload_model(self, model: str, *, timeout: float | None = 30.0) -> pb.UnloadModelResponse:
+        request = pb.UnloadModelRequest(model=model)
+        return await self._admin.UnloadModel(request, timeout=timeout, metadata=self.connection.metadata())
+
+    async def generate(
+        self,
+        prompt: str = "",
+        *,
+        messages: Sequence[tuple[str, str]] = (),
+        max_tokens: int = 0,
+        temperature: float = 0.0,
+        stop: Sequence[str] = (),
+        timeout: float | None = 120.0,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        request = pb.GenerateRequest(
+            prompt=prompt,
+            messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stop=list(stop),
+        )
+        async for chunk in self._generation.Generate(
+            request, timeout=timeout, metadata=self.connection.metadata()
+        ):
+            yield chunk
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        response = await self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout,
+            metadata=self.connection.metadata(),
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
