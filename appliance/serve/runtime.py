@@ -210,9 +210,14 @@ class ServingRuntime:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        for ref in self.settings.models:
-            await self.load_model(ref)
+        """Load the configured models. One that fails is logged and left out: the server stays
+        NOT_SERVING until a later LoadModel brings it in, instead of crash-looping."""
         self.started = True
+        for ref in self.settings.models:
+            try:
+                await self.load_model(ref)
+            except ApplianceError as exc:
+                log.error("could not load %s at start: %s", ref, exc.message)
 
     async def close(self) -> None:
         self.draining = True
