@@ -1,0 +1,29 @@
+"""The routing layer between the specialists and the generalist.
+
+- :mod:`~appliance.router.policy`: the effective policy of a request, and the load-time label check;
+- :mod:`~appliance.router.cascade`: per text, specialist or generalist, with cost and records;
+- :mod:`~appliance.router.cost`: core- and accelerator-seconds, priced at the box's hourly rate;
+- :mod:`~appliance.router.escalations`: the durable SQLite store of escalations and decisions;
+- :mod:`~appliance.router.metrics`: Prometheus counters;
+- :mod:`~appliance.router.commands`: ``appliance report``.
+"""
+
+from appliance.router.cascade import Cascade, GeneralistClient, ModelRef, SpecialistAnswer
+from appliance.router.cost import CostModel, share
+from appliance.router.escalations import EscalationStore
+from appliance.router.metrics import RouterMetrics
+from appliance.router.policy import check_label_set, parse_policy, resolve_policy
+
+__all__ = [
+    "Cascade",
+    "CostModel",
+    "EscalationStore",
+    "GeneralistClient",
+    "ModelRef",
+    "RouterMetrics",
+    "SpecialistAnswer",
+    "check_label_set",
+    "parse_policy",
+    "resolve_policy",
+    "share",
+]

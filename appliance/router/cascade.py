@@ -1,0 +1,325 @@
+"""The cascade: per text, the specialist answers when it is confident, the generalist when not.
+
+Rules, under the effective policy (:mod:`appliance.router.policy`):
+
+- ``specialist_only``: the specialist answers every text;
+- ``generalist_only``: the generalist answers every text;
+- ``cascade``: the specialist answers a text when its top-1 score is at least the model's
+  threshold, the generalist otherwise.
+
+Escalated texts of one call go to the generalist concurrently, at most ``max_concurrency`` at a
+time across all calls. Every generalist answer is recorded in the escalation store, durably,
+before :meth:`Cascade.decide` returns, together with one decision row per text.
+
+When the policy needs the generalist and there is none (or it cannot take this model's label
+set), the call fails with FAILED_PRECONDITION, unless the caller allows a fallback: then the
+specialist answers those texts too, counted as fallbacks. Generalist errors propagate with their
+status: RESOURCE_EXHAUSTED when it is saturated, UNAVAILABLE when it is down.
+
+Cost of a generalist answer: the engine batches concurrent requests, so the requests of one call
+share its time. The call is charged the span from the first request's start to the last one's
+end (capped at the sum of the engine's own per-request times), times the units the engine holds,
+and each text gets its share by tokens. Requests of other calls running at the same time are not
+seen here, so under heavy concurrency this still over-counts; it never under-counts. A generalist
+answer also carries the specialist's cost: both were spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument
+from appliance.router.cost import CostModel, share
+from appliance.router.escalations import DecisionRecord, EscalationRecord, EscalationStore
+from appliance.router.metrics import RouterMetrics
+from appliance.router.policy import check_label_set, needs_generalist, parse_policy, resolve_policy
+from appliance.types import Decision, Policy, Route
+
+DEFAULT_MAX_CONCURRENCY = 8
+
+
+class ZeroShotAnswer(Protocol):
+    """What the generalist returns for one text (``appliance.engines.generalist.ZeroShotResult``)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def confidence(self) -> float: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def engine_seconds(self) -> float: ...
+
+
+class GeneralistClient(Protocol):
+    """The generalist as the router sees it: the in-process engine, or an adapter over a handle.
+
+    Optional attributes, read when present: ``accelerator`` (bool, default False: the engine runs
+    on CPU cores) and ``units`` (int: the cores or accelerators the engine holds; default all the
+    cost model's cores on CPU, all its accelerators on GPU).
+    """
+
+    async def classify(
+        self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None
+    ) -> ZeroShotAnswer: ...
+
+    def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class SpecialistAnswer:
+    """The specialist's view of one text, before routing."""
+
+    top: list[tuple[str, float]]  # best first
+    probs: np.ndarray | None
+    truncated: bool
+    core_seconds: float  # this text's share of its batch's core time
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What routing needs to know about a specialist."""
+
+    name: str
+    version: int
+    labels: list[str]
+    threshold: float
+    label_descriptions: dict[str, str] = field(default_factory=dict)
+    default_policy: Policy | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> ModelRef:
+        """A ModelRef as is, or one read from a loaded specialist (its manifest is ``meta``)."""
+        if isinstance(model, ModelRef):
+            return model
+        meta: Mapping[str, Any] = getattr(model, "meta", None) or {}
+        return cls(
+            name=str(model.name),
+            version=int(model.version),
+            labels=list(model.labels),
+            threshold=float(model.threshold),
+            label_descriptions=dict(meta.get("label_descriptions") or {}),
+            default_policy=parse_policy(meta.get("default_policy")),
+        )
+
+
+@dataclass(frozen=True)
+class _Answered:
+    result: ZeroShotAnswer
+    wait_ms: float  # queueing for a slot plus the generalist's own time, as the caller saw it
+    unit_seconds: float  # this text's share of the engine's busy span, in cores or accelerators
+
+
+class Cascade:
+    def __init__(
+        self,
+        generalist: GeneralistClient | None,
+        escalations: EscalationStore,
+        cost: CostModel,
+        metrics: RouterMetrics | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    ) -> None:
+        if max_concurrency < 1:
+            raise InvalidArgument(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.generalist = generalist
+        self.escalations = escalations
+        self.cost = cost
+        self.metrics = metrics
+        self.accelerator = bool(getattr(generalist, "accelerator", False))
+        if self.accelerator and cost.accelerators == 0:
+            raise InvalidArgument("the generalist runs on an accelerator, but the cost model counts none")
+        default_units = cost.accelerators if self.accelerator else cost.cores
+        self.units = int(getattr(generalist, "units", None) or default_units)
+        self._slots = asyncio.Semaphore(max_concurrency)
+        # Models whose label set the generalist cannot take, with the reason (set at load).
+        self._unfit: dict[tuple[str, int], str] = {}
+
+    async def check_model(self, model: Any) -> None:
+        """At load: make sure the generalist can classify over this model's labels.
+
+        A model whose default policy needs the generalist fails to load (FailedPrecondition); one
+        served specialist-only by default loads, and requests that ask it for the generalist get
+        that same reason.
+        """
+        ref = ModelRef.of(model)
+        key = (ref.name, ref.version)
+        self._unfit.pop(key, None)
+        try:
+            await check_label_set(ref.labels, ref.label_descriptions, self.generalist)
+        except FailedPrecondition as e:
+            if needs_generalist(resolve_policy(None, ref.default_policy, self.generalist is not None)):
+                raise FailedPrecondition(f"model {ref.name}:{ref.version}: {e.message}") from e
+            self._unfit[key] = e.message
+
+    def _why_not_generalist(self, ref: ModelRef) -> str | None:
+        if self.generalist is None:
+            return "no generalist is configured on this appliance"
+        return self._unfit.get((ref.name, ref.version))
+
+    async def decide(
+        self,
+        model: Any,
+        answers: Sequence[SpecialistAnswer],
+        policy: Policy | str | None,
+        allow_fallback: bool = False,
+        request_id: str = "",
+        texts: Sequence[str] = (),
+    ) -> list[Decision]:
+        """One decision per text, in order. ``model`` is a :class:`ModelRef` or a loaded specialist."""
+        ref = ModelRef.of(model)
+        if len(answers) != len(texts):
+            raise ApplianceError(f"{len(answers)} specialist answers for {len(texts)} texts")
+        for i, answer in enumerate(answers):
+            if not answer.top:
+                raise ApplianceError(f"the specialist gave no label for text {i}")
+        effective = resolve_policy(policy, ref.default_policy, self.generalist is not None)
+        if effective is Policy.SPECIALIST_ONLY:
+            wanted: list[int] = []
+        elif effective is Policy.GENERALIST_ONLY:
+            wanted = list(range(len(texts)))
+        else:
+            wanted = [i for i, a in enumerate(answers) if a.top[0][1] < ref.threshold]
+
+        fallbacks: set[int] = set()
+        asked: dict[int, _Answered] = {}
+        if wanted:
+            reason = self._why_not_generalist(ref)
+            if reason is None:
+                asked = await self._ask(ref, texts, wanted)
+            elif allow_fallback:
+                fallbacks = set(wanted)
+            else:
+                raise FailedPrecondition(
+                    f"policy {effective.value} sends {len(wanted)} of {len(texts)} texts for model "
+                    f"{ref.name} to the generalist, but {reason}; ask for specialist_only, or allow "
+                    "the fallback to the specialist"
+                )
+
+        decisions: list[Decision] = []
+        escalation_rows: list[EscalationRecord] = []
+        decision_rows: list[DecisionRecord] = []
+        for i, answer in enumerate(answers):
+            label, confidence = answer.top[0]
+            route, escalation_id, latency_ms = Route.SPECIALIST, "", answer.latency_ms
+            core, accel = answer.core_seconds, 0.0
+            got = asked.get(i)
+            if got is not None:
+                route, latency_ms = Route.GENERALIST, answer.latency_ms + got.wait_ms
+                if self.accelerator:
+                    accel = got.unit_seconds
+                else:
+                    core += got.unit_seconds
+            cost = self.cost.price(core, accel)
+            if got is not None:
+                record = EscalationRecord(
+                    model=ref.name,
+                    model_version=ref.version,
+                    text=texts[i],
+                    specialist_top=list(answer.top),
+                    specialist_confidence=confidence,
+                    threshold=ref.threshold,
+                    generalist_label=got.result.label,
+                    generalist_confidence=got.result.confidence,
+                    final_label=got.result.label,
+                    route=route.value,
+                    policy=effective.value,
+                    cost=cost,
+                    request_id=request_id,
+                    generalist_prompt_tokens=got.result.prompt_tokens,
+                    generalist_completion_tokens=got.result.completion_tokens,
+                )
+                escalation_rows.append(record)
+                label, confidence, escalation_id = got.result.label, got.result.confidence, record.id
+            decisions.append(
+                Decision(
+                    label=label,
+                    confidence=confidence,
+                    top=answer.top,
+                    truncated=answer.truncated,
+                    route=route,
+                    latency_ms=latency_ms,
+                    cost=cost,
+                    probs=answer.probs,
+                    escalation_id=escalation_id,
+                )
+            )
+            decision_rows.append(
+                DecisionRecord(
+                    model=ref.name,
+                    model_version=ref.version,
+                    route=route.value,
+                    policy=effective.value,
+                    cost=cost,
+                    latency_ms=latency_ms,
+                    request_id=request_id,
+                    fallback=i in fallbacks,
+                    escalation_id=escalation_id,
+                )
+            )
+        # Durable before the caller can send a response that names these escalation ids.
+        await asyncio.to_thread(self.escalations.record, escalation_rows, decision_rows)
+        if self.metrics is not None:
+            self.metrics.observe(ref.name, decisions, fallbacks=len(fallbacks))
+        return decisions
+
+    async def _ask(self, ref: ModelRef, texts: Sequence[str], wanted: list[int]) -> dict[int, _Answered]:
+        generalist = self.generalist
+        assert generalist is not None
+        descriptions = ref.label_descriptions or None
+        known = set(ref.labels)
+
+        async def one(i: int) -> tuple[ZeroShotAnswer, float, float, float]:
+            queued = time.perf_counter()
+            async with self._slots:
+                began = time.perf_counter()
+                try:
+                    result = await generalist.classify(texts[i], ref.labels, descriptions)
+                except InvalidArgument as e:
+                    raise InvalidArgument(f"text {i}: the generalist cannot take it: {e.message}") from e
+                ended = time.perf_counter()
+            if result.label not in known:
+                raise ApplianceError(
+                    f"the generalist answered {result.label!r}, not one of {ref.name}'s labels"
+                )
+            return result, queued, began, ended
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i)) for i in wanted]
+        except BaseExceptionGroup as failed:
+            # The first failure cancelled the rest; report it with its own status.
+            raise _first_error(failed) from None
+        outcomes = [t.result() for t in tasks]
+        span = max(o[3] for o in outcomes) - min(o[2] for o in outcomes)
+        busy = min(span, sum(max(0.0, o[0].engine_seconds) for o in outcomes))
+        tokens = [o[0].prompt_tokens + o[0].completion_tokens for o in outcomes]
+        parts = share(busy, self.units, tokens)
+        return {
+            i: _Answered(result, wait_ms=1000.0 * (ended - queued), unit_seconds=part)
+            for i, (result, queued, _began, ended), part in zip(wanted, outcomes, parts, strict=True)
+        }
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first appliance error in a (nested) exception group, else its first exception."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        e = pending.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            pending[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    for leaf in leaves:
+        if isinstance(leaf, ApplianceError):
+            return leaf
+    return leaves[0]

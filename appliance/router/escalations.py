@@ -1,0 +1,461 @@
+"""The escalation store: every text the generalist answered, and one row per decision.
+
+An embedded SQLite database in WAL mode. Escalation records are the raw material of the
+retraining loop (the specialist's view, the generalist's answer, later a human correction), so a
+record is on disk before the response that names its id is sent: escalation commits run with
+``synchronous=FULL``, which fsyncs the write-ahead log at every commit.
+
+Decision rows feed ``appliance report`` (automation rate, cost per route). They are written in
+batches, one transaction per request, through a second connection with ``synchronous=NORMAL``:
+such a commit survives a crash of the process but may be lost with the last moments before a power
+failure. A decision batch committed with escalations shares their durable transaction.
+
+The store is thread-safe (one lock around its two write connections; reads open their own), and
+async code calls it through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.errors import FailedPrecondition, InvalidArgument, NotFound
+from appliance.types import Cost
+
+SCHEMA_VERSION = 1
+
+# The schema as it stands at SCHEMA_VERSION. SQLite keeps these comments in sqlite_master, so the
+# database documents itself. Times are stored twice: ISO 8601 UTC text for people, epoch seconds
+# for range queries.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS escalations (
+    id                         TEXT PRIMARY KEY,  -- uuid4, hex; the Decision's escalation_id
+    created_at                 TEXT NOT NULL,     -- UTC, ISO 8601 with microseconds
+    created_epoch              REAL NOT NULL,     -- the same instant, seconds since the epoch
+    model                      TEXT NOT NULL,     -- specialist name
+    model_version              INTEGER NOT NULL,  -- specialist version that saw the text
+    text_sha256                TEXT NOT NULL,     -- hex sha256 of the UTF-8 text, always kept
+    text                       TEXT,              -- the text itself; NULL unless store_texts
+    specialist_top             TEXT NOT NULL,     -- JSON [[label, score], ...], best first
+    specialist_confidence      REAL NOT NULL,     -- the specialist's top-1 score
+    threshold                  REAL NOT NULL,     -- the model's cascade threshold at the time
+    generalist_label           TEXT NOT NULL,     -- the generalist's answer
+    generalist_confidence      REAL NOT NULL,     -- its probability under the label constraint
+    generalist_prompt_tokens   INTEGER NOT NULL,
+    generalist_completion_tokens INTEGER NOT NULL,
+    final_label                TEXT NOT NULL,     -- the label returned to the caller
+    route                      TEXT NOT NULL,     -- the route that answered: 'generalist'
+    policy                     TEXT NOT NULL,     -- 'cascade' (below threshold) | 'generalist_only'
+    cost_core_seconds          REAL NOT NULL,     -- specialist + generalist, both were spent
+    cost_accelerator_seconds   REAL NOT NULL,
+    price                      REAL NOT NULL,     -- in `currency`, at the box's hourly price
+    currency                   TEXT NOT NULL,
+    request_id                 TEXT NOT NULL      -- the request that carried the text
+);
+CREATE INDEX IF NOT EXISTS escalations_by_time ON escalations (created_epoch);
+CREATE INDEX IF NOT EXISTS escalations_by_model_time ON escalations (model, created_epoch);
+
+-- Corrected labels for escalated texts, from people or a stronger model: the retraining input.
+CREATE TABLE IF NOT EXISTS corrections (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    escalation_id     TEXT NOT NULL REFERENCES escalations (id),
+    corrected_label   TEXT NOT NULL,
+    source            TEXT NOT NULL,  -- who corrected: 'human:alice', 'review-queue', a model name
+    created_at        TEXT NOT NULL,  -- UTC, ISO 8601
+    created_epoch     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS corrections_by_escalation ON corrections (escalation_id);
+
+-- One row per decision, on every route: what `appliance report` reads.
+CREATE TABLE IF NOT EXISTS decisions (
+    id                        INTEGER PRIMARY KEY,
+    created_epoch             REAL NOT NULL,     -- seconds since the epoch, UTC
+    model                     TEXT NOT NULL,
+    model_version             INTEGER NOT NULL,
+    route                     TEXT NOT NULL,     -- 'specialist' | 'generalist'
+    policy                    TEXT NOT NULL,     -- the effective policy
+    fallback                  INTEGER NOT NULL,  -- 1: the generalist was needed but absent
+    escalation_id             TEXT,              -- escalations.id for generalist answers
+    cost_core_seconds         REAL NOT NULL,
+    cost_accelerator_seconds  REAL NOT NULL,
+    price                     REAL NOT NULL,
+    currency                  TEXT NOT NULL,
+    latency_ms                REAL NOT NULL,
+    request_id                TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (created_epoch);
+"""
+
+# Upgrades, keyed by the version they start from: MIGRATIONS[n] takes a database from n to n+1.
+# Each runs in one transaction together with the version bump.
+MIGRATIONS: dict[int, str] = {}
+
+ESCALATION_COLUMNS = (
+    "id", "created_at", "created_epoch", "model", "model_version", "text_sha256", "text",
+    "specialist_top", "specialist_confidence", "threshold", "generalist_label",
+    "generalist_confidence", "generalist_prompt_tokens", "generalist_completion_tokens",
+    "final_label", "route", "policy", "cost_core_seconds", "cost_accelerator_seconds", "price",
+    "currency", "request_id",
+)  # fmt: skip
+DECISION_COLUMNS = (
+    "created_epoch", "model", "model_version", "route", "policy", "fallback", "escalation_id",
+    "cost_core_seconds", "cost_accelerator_seconds", "price", "currency", "latency_ms", "request_id",
+)  # fmt: skip
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _epoch(when: datetime | float | None) -> float | None:
+    if when is None or isinstance(when, int | float):
+        return when
+    if when.tzinfo is None:
+        raise InvalidArgument(f"{when.isoformat()} has no time zone; give times in UTC (e.g. ...Z)")
+    return when.timestamp()
+
+
+@dataclass(frozen=True)
+class EscalationRecord:
+    """One text the generalist answered, as the cascade hands it to the store."""
+
+    model: str
+    model_version: int
+    text: str
+    specialist_top: list[tuple[str, float]]
+    specialist_confidence: float
+    threshold: float
+    generalist_label: str
+    generalist_confidence: float
+    final_label: str
+    route: str
+    policy: str
+    cost: Cost
+    request_id: str
+    generalist_prompt_tokens: int = 0
+    generalist_completion_tokens: int = 0
+    id: str = field(default_factory=_new_id)
+    created_epoch: float | None = None  # None: the time of writing
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    model: str
+    model_version: int
+    route: str
+    policy: str
+    cost: Cost
+    latency_ms: float
+    request_id: str
+    fallback: bool = False
+    escalation_id: str = ""
+    created_epoch: float | None = None  # None: the time of writing
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """An escalation as stored."""
+
+    id: str
+    created_at: str
+    created_epoch: float
+    model: str
+    model_version: int
+    text_sha256: str
+    text: str | None
+    specialist_top: list[tuple[str, float]]
+    specialist_confidence: float
+    threshold: float
+    generalist_label: str
+    generalist_confidence: float
+    generalist_prompt_tokens: int
+    generalist_completion_tokens: int
+    final_label: str
+    route: str
+    policy: str
+    cost: Cost
+    request_id: str
+
+
+@dataclass(frozen=True)
+class RouteTotals:
+    decisions: int = 0
+    fallbacks: int = 0
+    core_seconds: float = 0.0
+    accelerator_seconds: float = 0.0
+    price: float = 0.0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Decision totals over a window, per route."""
+
+    routes: dict[str, RouteTotals]
+    currencies: list[str]
+
+    @property
+    def decisions(self) -> int:
+        return sum(r.decisions for r in self.routes.values())
+
+
+def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
+    # Autocommit mode (isolation_level=None): transactions are the explicit BEGIN/COMMITs below.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        conn.close()
+        raise FailedPrecondition(f"{path}: SQLite refused WAL mode (got {mode!r}); is it on a network share?")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, migrations: dict[int, str], target: int = SCHEMA_VERSION) -> int:
+    """Bring the database from its ``user_version`` up to ``target``; returns the new version.
+
+    An empty database (version 0) gets :data:`SCHEMA` and jumps straight to ``target``.
+    """
+    current = user_version(conn)
+    if current > target:
+        raise FailedPrecondition(
+            f"the escalation database is at schema version {current}, newer than this appliance's "
+            f"{target}; upgrade the appliance instead of opening it with an older one"
+        )
+    if current == 0:
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version = {target};\nCOMMIT;")
+        return target
+    for version in range(current, target):
+        script = migrations.get(version)
+        if script is None:
+            raise FailedPrecondition(
+                f"no migration from escalation schema version {version} to {version + 1}"
+            )
+        conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version + 1};\nCOMMIT;")
+    return target
+
+
+class EscalationStore:
+    def __init__(self, path: Path, store_texts: bool = False) -> None:
+        self.path = Path(path)
+        self.store_texts = store_texts
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._durable = _connect(self.path, "FULL")
+        try:
+            migrate(self._durable, MIGRATIONS)
+            self._relaxed = _connect(self.path, "NORMAL")
+        except BaseException:
+            self._durable.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._relaxed.close()
+            self._durable.close()
+
+    def __enter__(self) -> EscalationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def record(
+        self, escalations: Sequence[EscalationRecord], decisions: Sequence[DecisionRecord]
+    ) -> list[str]:
+        """Write one request's escalations and decisions in one transaction; returns the ids.
+
+        With escalations, the commit is durable (fsynced) when this returns.
+        """
+        now = time.time()
+        escalation_rows = [self._escalation_row(e, now) for e in escalations]
+        decision_rows = [_decision_row(d, now) for d in decisions]
+        if not escalation_rows and not decision_rows:
+            return []
+        with self._lock:
+            conn = self._durable if escalation_rows else self._relaxed
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_insert("escalations", ESCALATION_COLUMNS), escalation_rows)
+                conn.executemany(_insert("decisions", DECISION_COLUMNS), decision_rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return [e.id for e in escalations]
+
+    def record_escalation(self, escalation: EscalationRecord) -> str:
+        return self.record([escalation], [])[0]
+
+    def record_decisions(self, decisions: Sequence[DecisionRecord]) -> None:
+        self.record([], decisions)
+
+    def add_correction(self, escalation_id: str, corrected_label: str, source: str) -> int:
+        if not corrected_label or not source:
+            raise InvalidArgument("a correction needs a label and a source")
+        now = time.time()
+        with self._lock:
+            conn = self._durable
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                known = conn.execute("SELECT 1 FROM escalations WHERE id = ?", (escalation_id,)).fetchone()
+                if known is None:
+                    raise NotFound(f"no escalation with id {escalation_id!r}")
+                cursor = conn.execute(
+                    "INSERT INTO corrections"
+                    " (escalation_id, corrected_label, source, created_at, created_epoch)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (escalation_id, corrected_label, source, _iso(now), now),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return int(cursor.lastrowid or 0)
+
+    def _escalation_row(self, e: EscalationRecord, now: float) -> tuple[object, ...]:
+        epoch = now if e.created_epoch is None else e.created_epoch
+        digest = hashlib.sha256(e.text.encode("utf-8", "surrogatepass")).hexdigest()
+        return (
+            e.id, _iso(epoch), epoch, e.model, e.model_version, digest,
+            e.text if self.store_texts else None,
+            json.dumps([[label, float(score)] for label, score in e.specialist_top]),
+            e.specialist_confidence, e.threshold, e.generalist_label, e.generalist_confidence,
+            e.generalist_prompt_tokens, e.generalist_completion_tokens, e.final_label, e.route,
+            e.policy, e.cost.core_seconds, e.cost.accelerator_seconds, e.cost.price, e.cost.currency,
+            e.request_id,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ reading
+
+    def iter_escalations(
+        self,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        model: str | None = None,
+    ) -> Iterator[Escalation]:
+        """Escalations with ``since <= created < until``, oldest first (a reader of its own)."""
+        where, params = _window(since, until, model)
+        conn = _open_readonly(self.path)
+        try:
+            query = (
+                f"SELECT {', '.join(ESCALATION_COLUMNS)} FROM escalations{where} ORDER BY created_epoch, id"
+            )
+            for row in conn.execute(query, params):
+                yield _escalation(row)
+        finally:
+            conn.close()
+
+    def corrections(self, escalation_id: str) -> list[tuple[str, str, str]]:
+        """(corrected_label, source, created_at) for one escalation, oldest first."""
+        conn = _open_readonly(self.path)
+        try:
+            rows = conn.execute(
+                "SELECT corrected_label, source, created_at FROM corrections"
+                " WHERE escalation_id = ? ORDER BY id",
+                (escalation_id,),
+            ).fetchall()
+        finally:
+            conn.close()
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+
+def _insert(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def _decision_row(d: DecisionRecord, now: float) -> tuple[object, ...]:
+    return (
+        now if d.created_epoch is None else d.created_epoch, d.model, d.model_version, d.route, d.policy,
+        int(d.fallback), d.escalation_id or None, d.cost.core_seconds, d.cost.accelerator_seconds,
+        d.cost.price, d.cost.currency, d.latency_ms, d.request_id,
+    )  # fmt: skip
+
+
+def _escalation(row: Sequence[object]) -> Escalation:
+    values = dict(zip(ESCALATION_COLUMNS, row, strict=True))
+    top = [(str(label), float(score)) for label, score in json.loads(str(values.pop("specialist_top")))]
+    cost = Cost(
+        core_seconds=float(values.pop("cost_core_seconds")),  # type: ignore[arg-type]
+        accelerator_seconds=float(values.pop("cost_accelerator_seconds")),  # type: ignore[arg-type]
+        price=float(values.pop("price")),  # type: ignore[arg-type]
+        currency=str(values.pop("currency")),
+    )
+    return Escalation(specialist_top=top, cost=cost, **values)  # type: ignore[arg-type]
+
+
+def _window(
+    since: datetime | float | None, until: datetime | float | None, model: str | None
+) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    start, end = _epoch(since), _epoch(until)
+    if start is not None:
+        clauses.append("created_epoch >= ?")
+        params.append(start)
+    if end is not None:
+        clauses.append("created_epoch < ?")
+        params.append(end)
+    if model is not None:
+        clauses.append("model = ?")
+        params.append(model)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise NotFound(f"no escalation database at {path}")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        version = user_version(conn)
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise FailedPrecondition(f"{path} is not an escalation database: {e}") from e
+    if version == 0 or version > SCHEMA_VERSION:
+        conn.close()
+        raise FailedPrecondition(
+            f"{path} has escalation schema version {version}; this appliance reads version {SCHEMA_VERSION}"
+        )
+    return conn
+
+
+def summarize(
+    path: Path,
+    since: datetime | float | None = None,
+    until: datetime | float | None = None,
+    model: str | None = None,
+) -> Summary:
+    """Decision totals per route over ``since <= time < until``, read without writing."""
+    where, params = _window(since, until, model)
+    conn = _open_readonly(path)
+    try:
+        rows = conn.execute(
+            "SELECT route, COUNT(*), SUM(fallback), SUM(cost_core_seconds), SUM(cost_accelerator_seconds),"
+            f" SUM(price) FROM decisions{where} GROUP BY route ORDER BY route",
+            params,
+        ).fetchall()
+        currencies = [c for (c,) in conn.execute(f"SELECT DISTINCT currency FROM decisions{where}", params)]
+    finally:
+        conn.close()
+    routes = {
+        str(route): RouteTotals(int(n), int(fallbacks), float(core), float(accel), float(price))
+        for route, n, fallbacks, core, accel, price in rows
+    }
+    return Summary(routes=routes, currencies=sorted(currencies))

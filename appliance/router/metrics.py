@@ -1,0 +1,103 @@
+"""Prometheus counters of the routing layer.
+
+Counters only; rates come from PromQL, which computes them over any window without a gauge that
+would freeze one window into the process. The escalation rate per model::
+
+    sum by (model) (rate(appliance_escalations_total[5m]))
+      / sum by (model) (rate(appliance_decisions_total[5m]))
+
+and the cost per 1,000 decisions on a route::
+
+    1000 * rate(appliance_cost_price_total[1h]) / rate(appliance_decisions_total[1h])
+
+An escalation is a decision the generalist answered (``route="generalist"``), under the cascade
+or under ``generalist_only``. Prices are in the cost model's currency.
+
+Constructing :class:`RouterMetrics` twice on one registry (the default one, or any other) shares
+the first construction's collectors instead of failing with a duplicate registration.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+
+from appliance.types import Decision, Route
+
+
+class _Collectors:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.decisions = Counter(
+            "appliance_decisions",
+            "decisions, by model and the route that answered",
+            ["model", "route"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "appliance_escalations",
+            "decisions the generalist answered, recorded for retraining",
+            ["model"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "appliance_fallbacks",
+            "decisions the specialist answered because the generalist was needed but absent",
+            ["model"],
+            registry=r,
+        )
+        self.core_seconds = Counter(
+            "appliance_cost_core_seconds",
+            "CPU core-seconds spent on decisions",
+            ["model", "route"],
+            registry=r,
+        )
+        self.accelerator_seconds = Counter(
+            "appliance_cost_accelerator_seconds",
+            "accelerator-seconds spent on decisions",
+            ["model", "route"],
+            registry=r,
+        )
+        self.price = Counter(
+            "appliance_cost_price",
+            "price of decisions in the configured currency, at the box's hourly price",
+            ["model", "route"],
+            registry=r,
+        )
+
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, _Collectors] = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = REGISTRY if registry is None else registry
+        with _LOCK:
+            collectors = _BY_REGISTRY.get(self.registry)
+            if collectors is None:
+                collectors = _BY_REGISTRY[self.registry] = _Collectors(self.registry)
+        self._c = collectors
+
+    def observe(self, model: str, decisions: Iterable[Decision], fallbacks: int = 0) -> None:
+        """Count one request's decisions (summed per route first: one increment per series)."""
+        totals: dict[Route, list[float]] = {}
+        for d in decisions:
+            t = totals.setdefault(d.route, [0, 0.0, 0.0, 0.0])
+            t[0] += 1
+            t[1] += d.cost.core_seconds
+            t[2] += d.cost.accelerator_seconds
+            t[3] += d.cost.price
+        c = self._c
+        for route, (count, core, accel, price) in totals.items():
+            c.decisions.labels(model, route.value).inc(count)
+            c.core_seconds.labels(model, route.value).inc(core)
+            c.accelerator_seconds.labels(model, route.value).inc(accel)
+            c.price.labels(model, route.value).inc(price)
+            if route is Route.GENERALIST:
+                c.escalations.labels(model).inc(count)
+        if fallbacks:
+            c.fallbacks.labels(model).inc(fallbacks)
