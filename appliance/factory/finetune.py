@@ -1,0 +1,633 @@
+"""Encoder fine-tuning: a better encoder for the logistic head the pipeline trains afterwards.
+
+Two strategies, both on L2-normalised mean-pooled embeddings (what the exported encoder serves):
+
+* ``classifier``: a cosine-softmax layer (``scale * cos(embedding, class weight)``) trained with
+  cross-entropy. The class weights start at class centroids, so the first steps do not push
+  random-head gradients into the encoder.
+* ``contrastive`` (few-shot, SetFit-like): batches of (anchor, positive) pairs with one pair per
+  label, trained with a symmetric in-batch softmax over scaled cosine similarities. Every other
+  pair in a batch belongs to another label, so no in-batch negative is a false one.
+
+``auto`` picks ``contrastive`` at 16 or fewer examples per label on average, else ``classifier``.
+
+Training holds out a stratified validation split, evaluates a fixed number of times per epoch,
+keeps the best weights, stops after ``patience`` evaluations without progress, and stops cleanly
+when ``spec.max_minutes`` is spent. With ``spec.checkpoint_dir``, every evaluation writes a
+checkpoint atomically (weights, optimizer, schedule, step, best weights, RNG state); a later run on
+the same data, base, seed and strategy resumes from it.
+
+Runs are deterministic for a given seed while the budget holds the whole plan. When it does not,
+the plan (and so the learning-rate decay) is shortened once, after a few timed steps, to fit what
+is left of the budget; the shortened plan is saved with the checkpoint and reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from appliance.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from appliance.factory.pipeline import TrainSpec
+
+Progress = Callable[[str], None]
+STRATEGIES = ("auto", "classifier", "contrastive")
+# At or below this many examples per label, contrastive pairs beat a classifier layer (SetFit).
+FEW_SHOT_PER_LABEL = 16
+VAL_FRACTION = 0.1
+CHECKPOINT_FORMAT = 1
+# Steps timed before the plan is fitted to the budget.
+CALIBRATION_STEPS = 8
+# Shuffle, cut into chunks of this many batches, sort each chunk by length: batches are near-uniform
+# in length (padding is the main CPU cost) while their order stays random.
+BUCKET_BATCHES = 50
+CENTROID_EXAMPLES = 8
+EVAL_BATCH = 64
+LOSS_WINDOW = 50
+
+
+@dataclass(frozen=True)
+class Settings:
+    strategy: str  # classifier | contrastive
+    epochs: int
+    batch_size: int  # texts per step; contrastive: pairs per step, so twice as many texts
+    lr: float  # encoder
+    head_lr: float  # cosine classifier weights
+    scale: float = 20.0  # inverse temperature of the cosine softmax
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    evals_per_epoch: int = 2
+    min_eval_steps: int = 10
+    patience: int = 4  # evaluations without a better validation accuracy
+    max_grad_norm: float = 1.0
+
+
+def choose_strategy(strategy: str, y: np.ndarray) -> str:
+    if strategy not in STRATEGIES:
+        raise InvalidArgument(f"unknown fine-tuning strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        return strategy
+    per_label = len(y) / max(1, len(np.unique(y)))
+    return "contrastive" if per_label <= FEW_SHOT_PER_LABEL else "classifier"
+
+
+def settings_for(strategy: str, n_train: int) -> Settings:
+    if strategy == "contrastive":
+        # Scoring embeds every training text (nearest centroid), so it runs about every 2 epochs.
+        return Settings(
+            "contrastive",
+            epochs=10,
+            batch_size=32,
+            lr=3e-5,
+            head_lr=0.0,
+            evals_per_epoch=1,
+            min_eval_steps=30,
+        )
+    # About 5 epochs on a large set; a small set gets more epochs, up to about 300 steps.
+    steps_per_epoch = max(1, math.ceil(n_train / 32))
+    epochs = max(5, min(30, math.ceil(300 / steps_per_epoch)))
+    return Settings("classifier", epochs=epochs, batch_size=32, lr=5e-5, head_lr=2e-3)
+
+
+@dataclass
+class FinetuneResult:
+    encoder: nn.Module  # the Hugging Face encoder with the best validation weights, CPU, eval mode
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def finetune(
+    spec: TrainSpec,
+    base: Path,
+    texts: list[str],
+    y: np.ndarray,
+    n_classes: int,
+    window: int,
+    progress: Progress,
+    *,
+    strategy: str = "auto",
+    max_steps: int | None = None,
+) -> nn.Module:
+    """Fine-tune the encoder in ``base`` on ``texts`` / ``y``; returns the tuned ``AutoModel``."""
+    result = finetune_encoder(
+        spec, base, texts, y, n_classes, window, progress, strategy=strategy, max_steps=max_steps
+    )
+    return result.encoder
+
+
+def finetune_encoder(
+    spec: TrainSpec,
+    base: Path,
+    texts: list[str],
+    y: np.ndarray,
+    n_classes: int,
+    window: int,
+    progress: Progress,
+    *,
+    strategy: str = "auto",
+    max_steps: int | None = None,
+    threads: int | None = None,
+) -> FinetuneResult:
+    """As :func:`finetune`, plus a summary: strategy, steps, validation history, stop reason.
+
+    ``max_steps`` caps the plan (a short, deterministic run); ``threads`` defaults to the CPUs this
+    process may use. ``spec`` supplies ``max_minutes``, ``seed`` and ``checkpoint_dir``.
+    """
+    started = time.monotonic()
+    y = np.asarray(y, dtype=np.int64)
+    if len(texts) != len(y):
+        raise InvalidArgument(f"{len(texts)} texts but {len(y)} labels")
+    if len(np.unique(y)) < 2:
+        raise InvalidArgument("fine-tuning needs at least two labels")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise InvalidArgument(f"labels must lie in [0, {n_classes})")
+    if spec.max_minutes < 0:
+        raise InvalidArgument(f"max_minutes must not be negative, got {spec.max_minutes}")
+    chosen = choose_strategy(strategy, y)
+    train_idx, val_idx = validation_split(y, VAL_FRACTION, spec.seed)
+    if chosen == "contrastive" and not (np.bincount(y[train_idx]) >= 2).any():
+        raise InvalidArgument("contrastive fine-tuning needs a label with at least two training texts")
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    torch.manual_seed(spec.seed)
+
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(base, local_files_only=True)
+    tokens = Tokens(base, window)
+    settings = settings_for(chosen, len(train_idx))
+    model = Tuner(encoder, n_classes if chosen == "classifier" else 0, settings.scale, tokens.pad_id)
+    data = Data(tokens.encode(texts), y, train_idx, val_idx)
+    batches = Batches(settings, data, spec.seed)
+    planned = settings.epochs * batches.steps_per_epoch
+    if max_steps is not None:
+        planned = max(1, min(planned, max_steps))
+    key = run_key(base, texts, y, n_classes, window, chosen, spec.seed, max_steps)
+    ckpt = Path(spec.checkpoint_dir) / f"finetune-{key[:16]}.pt" if spec.checkpoint_dir else None
+    trainer = Trainer(model, settings, data, batches, planned, ckpt, key, progress)
+
+    resumed_from = None
+    if ckpt is not None and ckpt.is_file():
+        trainer.load()
+        resumed_from = trainer.state.step
+        progress(f"resuming fine-tuning from {ckpt} at step {resumed_from} of {trainer.plan['total']}")
+    elif chosen == "classifier":
+        model.init_centroids(data, spec.seed)
+    progress(
+        f"fine-tuning ({chosen}) on {len(train_idx)} texts, validating on {len(val_idx)}: "
+        f"{trainer.plan['total']} steps planned, {batches.steps_per_epoch} per epoch, "
+        f"budget {spec.max_minutes:g} min"
+    )
+    if not trainer.state.done:
+        trainer.run(deadline=started + spec.max_minutes * 60.0)
+    state = trainer.state
+    if state.best_encoder is not None:
+        model.encoder.load_state_dict(state.best_encoder)
+    progress(
+        f"fine-tuning stopped at step {state.step} ({state.stop_reason}); best validation accuracy "
+        f"{state.best_score:.4f} at step {state.best_step}"
+    )
+    summary = {
+        "strategy": chosen,
+        "settings": asdict(settings),
+        "train_texts": len(train_idx),
+        "val_texts": len(val_idx),
+        "steps_per_epoch": batches.steps_per_epoch,
+        "planned_steps": trainer.plan["total"],
+        "plan_fitted_to_budget": trainer.plan["fitted"],
+        "resumed_from_step": resumed_from,
+        "step": state.step,
+        "best_step": state.best_step,
+        "best_val_accuracy": state.best_score,
+        "stop_reason": state.stop_reason,
+        "history": state.history,
+        "seconds": time.monotonic() - started,
+    }
+    tuned = model.encoder.cpu().eval()
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    return FinetuneResult(tuned, summary)
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+
+class Tokens:
+    """The base's fast tokenizer with the serving truncation rule (keep the head and the final SEP)."""
+
+    def __init__(self, base: Path, window: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.window = window
+        self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        rows = [enc.ids for enc in self.tokenizer.encode_batch(list(texts))]
+        return [r if len(r) <= self.window else [*r[: self.window - 1], r[-1]] for r in rows]
+
+
+@dataclass(frozen=True)
+class Data:
+    ids: list[list[int]]  # token ids of every text
+    y: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) indices: about ``fraction`` of each label, at least one text
+    of each label left in train, and none taken from a label with a single text."""
+    rng = np.random.default_rng([seed, 0x5A1])
+    val: list[int] = []
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        if len(idx) < 2:
+            continue
+        take = min(max(1, round(len(idx) * fraction)), len(idx) - 1)
+        val += rng.permutation(idx)[:take].tolist()
+    val_idx = np.array(sorted(val), dtype=np.int64)
+    return np.setdiff1d(np.arange(len(y)), val_idx), val_idx
+
+
+class Batches:
+    """Each epoch's batches, a function of (seed, epoch) only: a resumed run replays the same
+    order from the step it stopped at."""
+
+    def __init__(self, settings: Settings, data: Data, seed: int) -> None:
+        self.settings, self.data, self.seed = settings, data, seed
+        self.steps_per_epoch = len(self.epoch(0))
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        return self._pairs(rng) if self.settings.strategy == "contrastive" else self._bucketed(rng)
+
+    def _bucketed(self, rng: np.random.Generator) -> list[list[int]]:
+        size, ids = self.settings.batch_size, self.data.ids
+        order = rng.permutation(self.data.train_idx).tolist()
+        chunk = size * BUCKET_BATCHES
+        batches: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: len(ids[i]))
+            batches += [part[i : i + size] for i in range(0, len(part), size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _pairs(self, rng: np.random.Generator) -> list[list[int]]:
+        """Flattened ``[a1, p1, a2, p2, ...]`` batches holding one pair per label. Each label's
+        shuffled texts are paired in turn, so every text appears about once per epoch."""
+        y, train_idx = self.data.y, self.data.train_idx
+        pairs: dict[int, list[tuple[int, int]]] = {}
+        for label in np.unique(y[train_idx]).tolist():
+            idx = rng.permutation(train_idx[y[train_idx] == label]).tolist()
+            if len(idx) < 2:
+                continue
+            if len(idx) % 2:
+                idx.append(idx[0])
+            pairs[label] = [(idx[i], idx[i + 1]) for i in range(0, len(idx), 2)]
+        size = self.settings.batch_size
+        batches: list[list[int]] = []
+        for r in range(max(len(p) for p in pairs.values())):
+            labels = [lab for lab in sorted(pairs) if r < len(pairs[lab])]
+            labels = [labels[i] for i in rng.permutation(len(labels))]
+            for start in range(0, len(labels), size):
+                group = labels[start : start + size]
+                if len(group) >= 2:  # a lone pair has no negative
+                    batches.append([i for lab in group for i in pairs[lab][r]])
+        return batches
+
+
+# -- model -------------------------------------------------------------------------------------------
+
+
+class Tuner(nn.Module):
+    """The encoder, mean-pooled and normalised as it is served, plus an optional cosine classifier."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int, scale: float, pad_id: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.scale = scale
+        self.pad_id = pad_id
+        self.dim = int(encoder.config.hidden_size)
+        self.weight = nn.Parameter(torch.randn(n_classes, self.dim) * 0.02) if n_classes else None
+
+    def embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        return F.normalize(pooled, dim=-1)
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        assert self.weight is not None
+        return self.scale * embeddings @ F.normalize(self.weight, dim=-1).T
+
+    @torch.no_grad()
+    def embed_all(self, ids: list[list[int]], indices: Sequence[int]) -> torch.Tensor:
+        """Embeddings of ``ids[indices]`` in eval mode, batched by length, rows in the given order."""
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(indices)), key=lambda k: len(ids[indices[k]]))
+        out = torch.empty(len(indices), self.dim)
+        for start in range(0, len(order), EVAL_BATCH):
+            part = order[start : start + EVAL_BATCH]
+            out[part] = self.embed([ids[indices[k]] for k in part])
+        self.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def init_centroids(self, data: Data, seed: int) -> None:
+        """Class weights := sums of a few base embeddings per class (direction is all that counts)."""
+        assert self.weight is not None
+        rng = np.random.default_rng([seed, 0xC3])
+        y, train_idx = data.y, data.train_idx
+        chosen: list[int] = []
+        for label in np.unique(y[train_idx]):
+            chosen += rng.permutation(train_idx[y[train_idx] == label])[:CENTROID_EXAMPLES].tolist()
+        self.weight.zero_()
+        self.weight.index_add_(0, torch.as_tensor(y[chosen]), self.embed_all(data.ids, chosen))
+
+
+# -- training ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    best_score: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    done: bool = False
+    stop_reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_encoder: dict[str, torch.Tensor] | None = None
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: Tuner,
+        settings: Settings,
+        data: Data,
+        batches: Batches,
+        planned_steps: int,
+        checkpoint: Path | None,
+        key: str,
+        progress: Progress,
+    ) -> None:
+        self.model, self.settings, self.data, self.batches = model, settings, data, batches
+        self.checkpoint, self.key, self.progress = checkpoint, key, progress
+        self.optimizer = make_optimizer(model, settings)
+        # Mutable: the schedule reads it on every step, and fit_plan may shorten it once.
+        self.plan: dict[str, Any] = {
+            "total": planned_steps,
+            "warmup": warmup_steps(settings, planned_steps),
+            "fitted": False,
+        }
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.plan))
+        self.state = TrainState()
+        self.eval_every = max(
+            settings.min_eval_steps, math.ceil(batches.steps_per_epoch / settings.evals_per_epoch)
+        )
+        self.losses: list[float] = []
+
+    def run(self, deadline: float) -> None:
+        from tqdm import tqdm
+
+        state, plan, per_epoch = self.state, self.plan, self.batches.steps_per_epoch
+        first_step, loop_started = state.step, time.monotonic()
+        epoch, order = -1, []
+        bar = tqdm(
+            total=plan["total"],
+            initial=state.step,
+            desc="fine-tune",
+            unit="step",
+            file=sys.stderr,
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        try:
+            while True:
+                if state.step >= plan["total"]:
+                    state.stop_reason = "plan complete"
+                    break
+                # Every run makes at least one step, so a resumed run with a tiny budget advances.
+                if state.step > first_step and time.monotonic() >= deadline:
+                    state.stop_reason = "time budget spent"
+                    break
+                if state.step // per_epoch != epoch:
+                    epoch = state.step // per_epoch
+                    order = self.batches.epoch(epoch)
+                self.train_step(order[state.step % per_epoch])
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.recent_loss():.3f}", val=f"{max(state.best_score, 0.0):.3f}")
+                if not plan["fitted"] and state.step - first_step == CALIBRATION_STEPS:
+                    self.fit_plan((time.monotonic() - loop_started) / CALIBRATION_STEPS, deadline)
+                    bar.total = plan["total"]
+                if state.step % self.eval_every == 0 and state.step < plan["total"] and self.evaluate():
+                    break
+            if not state.history or state.history[-1]["step"] != state.step:
+                self.evaluate()
+            state.done = state.stop_reason != "time budget spent"
+            self.save()
+        finally:
+            bar.close()
+
+    def train_step(self, batch: list[int]) -> None:
+        loss = self.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        self.losses.append(float(loss.detach()))
+
+    def loss(self, batch: list[int]) -> torch.Tensor:
+        emb = self.model.embed([self.data.ids[i] for i in batch])
+        if self.settings.strategy == "classifier":
+            return F.cross_entropy(self.model.logits(emb), torch.as_tensor(self.data.y[batch]))
+        anchors, positives = emb[0::2], emb[1::2]
+        sims = self.settings.scale * anchors @ positives.T
+        target = torch.arange(len(anchors))
+        return (F.cross_entropy(sims, target) + F.cross_entropy(sims.T, target)) / 2
+
+    def recent_loss(self) -> float:
+        return float(np.mean(self.losses[-LOSS_WINDOW:])) if self.losses else float("nan")
+
+    def fit_plan(self, seconds_per_step: float, deadline: float) -> None:
+        """Shorten the plan once, so that the learning rate decays to zero inside the budget."""
+        self.plan["fitted"] = True
+        # Evaluations and checkpoints take the rest: keep a tenth of what is left for them.
+        affordable = self.state.step + int(0.9 * (deadline - time.monotonic()) / seconds_per_step)
+        if affordable < self.plan["total"]:
+            self.progress(
+                f"at {seconds_per_step:.2f} s/step the budget holds about {affordable} of "
+                f"{self.plan['total']} planned steps: the schedule is shortened to fit"
+            )
+            self.plan["total"] = max(self.state.step + 1, affordable)
+            self.plan["warmup"] = min(self.plan["warmup"], warmup_steps(self.settings, self.plan["total"]))
+
+    def val_accuracy(self) -> float:
+        """Classifier: its own predictions. Contrastive: the nearest training-class centroid."""
+        d, model = self.data, self.model
+        val_emb = model.embed_all(d.ids, d.val_idx.tolist())
+        if self.settings.strategy == "classifier":
+            with torch.no_grad():
+                pred = model.logits(val_emb).argmax(dim=1).numpy()
+        else:
+            train_emb = model.embed_all(d.ids, d.train_idx.tolist())
+            labels = np.unique(d.y[d.train_idx])
+            y_train = torch.as_tensor(d.y[d.train_idx])
+            centroids = torch.stack([train_emb[y_train == lab].mean(0) for lab in labels.tolist()])
+            pred = labels[(val_emb @ F.normalize(centroids, dim=-1).T).argmax(dim=1).numpy()]
+        return float((pred == d.y[d.val_idx]).mean())
+
+    def evaluate(self) -> bool:
+        """Score, keep the best weights, checkpoint; True when patience has run out.
+
+        Without a validation split (every label has a single text) the latest weights count as best.
+        """
+        state = self.state
+        score = self.val_accuracy() if len(self.data.val_idx) else float(state.step)
+        loss = self.recent_loss()
+        state.history.append({"step": state.step, "train_loss": loss, "val_accuracy": score})
+        if score > state.best_score:
+            state.best_score, state.best_step, state.bad_evals = score, state.step, 0
+            state.best_encoder = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+        else:
+            state.bad_evals += 1
+        self.progress(
+            f"step {state.step}/{self.plan['total']}: train loss {loss:.4f}, validation accuracy {score:.4f}"
+        )
+        stop = state.bad_evals >= self.settings.patience
+        if stop:
+            state.stop_reason = f"no better validation accuracy in {self.settings.patience} evaluations"
+        self.save()
+        return stop
+
+    # -- checkpoints
+
+    def save(self) -> None:
+        """Write a temporary file beside the checkpoint, fsync, rename: a crash at any point leaves
+        the previous checkpoint whole."""
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "key": self.key,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "plan": dict(self.plan),
+            "state": {k: v for k, v in asdict(self.state).items() if k != "best_encoder"},
+            "best_encoder": self.state.best_encoder,
+            "torch_rng": torch.get_rng_state(),
+        }
+        tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as handle:
+                torch.save(payload, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.checkpoint)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load(self) -> None:
+        assert self.checkpoint is not None
+        payload = read_checkpoint(self.checkpoint)
+        if payload.get("format") != CHECKPOINT_FORMAT or payload.get("key") != self.key:
+            raise InvalidArgument(
+                f"{self.checkpoint}: the checkpoint belongs to another run (data, base or recipe differ)"
+            )
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.plan.update(payload["plan"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.state = TrainState(**payload["state"])
+        self.state.best_encoder = payload["best_encoder"]
+
+
+def make_optimizer(model: Tuner, settings: Settings) -> torch.optim.Optimizer:
+    # Biases and LayerNorm gains (1-D) are not weight-decayed: the usual BERT recipe.
+    params = list(model.encoder.parameters())
+    groups: list[dict[str, Any]] = [
+        {
+            "params": [p for p in params if p.ndim >= 2],
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+        },
+        {"params": [p for p in params if p.ndim < 2], "lr": settings.lr, "weight_decay": 0.0},
+    ]
+    if model.weight is not None:
+        groups.append({"params": [model.weight], "lr": settings.head_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)
+
+
+def warmup_steps(settings: Settings, total: int) -> int:
+    return max(1, round(settings.warmup_fraction * total))
+
+
+def lr_factor(step: int, plan: dict[str, Any]) -> float:
+    """Linear warm-up to the peak, then linear decay to zero at the end of the plan."""
+    total, warmup = int(plan["total"]), int(plan["warmup"])
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def run_key(
+    base: Path,
+    texts: Sequence[str],
+    y: np.ndarray,
+    n_classes: int,
+    window: int,
+    strategy: str,
+    seed: int,
+    max_steps: int | None,
+) -> str:
+    """What a checkpoint must match to be resumed: the base's content, the data and the recipe."""
+    from appliance.store import folder_digest, hash_files
+
+    recipe = {
+        "format": CHECKPOINT_FORMAT,
+        "base": folder_digest(hash_files(base)),
+        "n_classes": n_classes,
+        "window": window,
+        "strategy": strategy,
+        "seed": seed,
+        "max_steps": max_steps,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
+    for text, label in zip(texts, y.tolist(), strict=True):
+        digest.update(json.dumps([text, label]).encode())
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents (tensors and plain data only: ``weights_only`` refuses code)."""
+    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return payload
