@@ -68,7 +68,7 @@ def read_wheel(path: Path) -> Wheel:
     """Name, version and hash of a wheel file, from its PEP 427 file name and its bytes."""
     parts = path.name[: -len(".whl")].split("-")
     if not path.name.endswith(".whl") or len(parts) not in (5, 6):
-        raise BundleError(f"{path.name}: not a wheel file name (name-version-[build-]python-abi-platform.whl)")
+        raise BundleError(f"{path.name}: not a wheel file name (name-version-[build-]pyver-abi-platform.whl)")
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -248,7 +248,9 @@ def build_bundle(args: argparse.Namespace) -> dict[str, Any]:
     wheels = []
     for path in sorted(wheel_dir.iterdir()):
         if path.suffix != ".whl":
-            raise BundleError(f"{path.name}: pip left a file that is not a wheel (an sdist has no place here)")
+            raise BundleError(
+                f"{path.name}: not a wheel (pip left an sdist?); a wheelhouse holds wheels only"
+            )
         wheel = read_wheel(path)
         if wheel.name in excluded:
             path.unlink()
@@ -291,7 +293,8 @@ def _run_command(args: argparse.Namespace) -> int:
     except BundleError as exc:
         print(f"appliance bundle: {exc}", file=sys.stderr)
         return 2
-    print(f"bundle {args.out}: profile {meta['profile']}, Python {meta['python']}, {meta['wheel_count']} wheels")
+    summary = f"profile {meta['profile']}, Python {meta['python']}, {meta['wheel_count']} wheels"
+    print(f"bundle {args.out}: {summary}")
     return 0
 
 
@@ -303,10 +306,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the appliance wheel without its dependencies, plus Ray (what the units start): for quick tests",
     )
-    parser.add_argument("--models", nargs="+", default=[], metavar="NAME[:VERSION]", help="model-store folders to include")
+    parser.add_argument(
+        "--models", nargs="+", default=[], metavar="NAME[:VERSION]", help="model-store folders to include"
+    )
     parser.add_argument("--python-version", help="target Python, e.g. 3.11 (default: this interpreter's)")
-    parser.add_argument("--platform", action="append", help="target platform tag for pip download (repeatable)")
-    parser.add_argument("--wheel", type=Path, help="use this prebuilt appliance wheel instead of building one")
+    parser.add_argument("--platform", action="append", help="target platform tag for pip (repeatable)")
+    parser.add_argument("--wheel", type=Path, help="use this prebuilt appliance wheel")
     parser.add_argument("--source", type=Path, help="project source tree to build the wheel from")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument(

@@ -9,6 +9,15 @@ chroot (their "offline" code paths) and nothing leaks onto the host's mount tabl
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
+from typing import Any
+
+from ansible.errors import AnsibleConnectionFailure, AnsibleError
+from ansible.plugins.connection import ConnectionBase
+from ansible.utils.display import Display
+
 DOCUMENTATION = """
 name: netns_chroot
 short_description: Run tasks in a chroot, each command in a new empty network namespace
@@ -21,19 +30,11 @@ author: appliance
 options: {}
 """
 
-import os
-import shlex
-import subprocess
-from typing import Any
-
-from ansible.errors import AnsibleConnectionFailure, AnsibleError
-from ansible.plugins.connection import ConnectionBase
-from ansible.utils.display import Display
-
 display = Display()
 
 # Mount /proc privately, then enter the tree. "$0" is the root and "$1" the command, so neither
 # is ever re-parsed by the shell.
+_TARGET_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _ENTER = 'mount -t proc proc "$0/proc" && exec chroot "$0" /bin/sh -c "$1"'
 
 
@@ -60,7 +61,9 @@ class Connection(ConnectionBase):
             self._connected = True
         return self
 
-    def exec_command(self, cmd: str, in_data: bytes | None = None, sudoable: bool = True) -> tuple[int, bytes, bytes]:
+    def exec_command(
+        self, cmd: str, in_data: bytes | None = None, sudoable: bool = True
+    ) -> tuple[int, bytes, bytes]:
         super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
         argv = ["unshare", "--net", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _ENTER]
         argv += [self.root, cmd]
@@ -81,7 +84,8 @@ class Connection(ConnectionBase):
                 env=_clean_env(),
             )
         if proc.returncode != 0:
-            raise AnsibleError(f"could not write {out_path} in {self.root}: {proc.stderr.decode(errors='replace')}")
+            detail = proc.stderr.decode(errors="replace")
+            raise AnsibleError(f"could not write {out_path} in {self.root}: {detail}")
 
     def fetch_file(self, in_path: str, out_path: str) -> None:
         super().fetch_file(in_path, out_path)
@@ -95,7 +99,8 @@ class Connection(ConnectionBase):
                 env=_clean_env(),
             )
         if proc.returncode != 0:
-            raise AnsibleError(f"could not read {in_path} in {self.root}: {proc.stderr.decode(errors='replace')}")
+            detail = proc.stderr.decode(errors="replace")
+            raise AnsibleError(f"could not read {in_path} in {self.root}: {detail}")
 
     def close(self) -> None:
         self._connected = False
@@ -103,4 +108,4 @@ class Connection(ConnectionBase):
 
 def _clean_env() -> dict[str, str]:
     """The target gets a plain root environment, not the controller's virtualenv or proxies."""
-    return {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+    return {"PATH": _TARGET_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
