@@ -49,6 +49,7 @@ class GeneralistDeployment:
         max_concurrency: int = 8,
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
+        dtype: str | None = None,
     ) -> None:
         apply_offline_env()
         self._engine = GeneralistEngine(
@@ -58,6 +59,7 @@ class GeneralistDeployment:
             max_concurrency=max_concurrency,
             tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager,
+            dtype=dtype,
         )
         await self._engine.start()
 
@@ -112,6 +114,7 @@ def generalist_app(
     num_gpus: int = 0,
     tensor_parallel_size: int = 1,
     enforce_eager: bool = False,
+    dtype: str | None = None,
     num_replicas: int = 1,
 ) -> Application:
     """The deployment sized for its box: CPU only, or ``tensor_parallel_size`` GPUs per replica."""
@@ -134,4 +137,5 @@ def generalist_app(
         max_concurrency=max_concurrency,
         tensor_parallel_size=tensor_parallel_size,
         enforce_eager=enforce_eager,
+        dtype=dtype,
     )

