@@ -93,11 +93,11 @@ class ApplianceServer:
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if not self.settings.auth:
             return []
-        from appliance.security.audit import AuditLog
+        from appliance.security.audit import AuditLog, stream_dir
         from appliance.security.interceptor import AuthAuditInterceptor, open_prefixes
         from appliance.security.tokens import TokenStore
 
-        self._audit = AuditLog()
+        self._audit = AuditLog(stream_dir())
         opened = open_prefixes(
             bind_address=self.settings.bind,
             health=self.settings.open_health,

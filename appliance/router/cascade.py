@@ -250,6 +250,7 @@ class Cascade:
                     cost=cost,
                     probs=answer.probs,
                     escalation_id=escalation_id,
+                    fallback=i in fallbacks,
                 )
             )
             decision_rows.append(

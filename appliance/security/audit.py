@@ -22,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import queue
 import re
 import threading
@@ -68,6 +69,24 @@ def audit_files(folder: Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def stream_dir(root: Path | None = None) -> Path:
+    """This process's own chain: ``audit/<host>-<pid>/``.
+
+    Each server process writes its own chain, so that two of them on one box (a rolling upgrade
+    starts the new replica before the old one stops) never contend for one folder.
+    """
+    base = root if root is not None else state_dir("audit")
+    return base / f"{socket.gethostname()}-{os.getpid()}"
+
+
+def streams(root: Path) -> list[Path]:
+    """Every chain under ``root``: the folder itself if it holds audit files, and its sub-folders."""
+    found = [root] if audit_files(root) else []
+    if root.is_dir():
+        found += sorted(p for p in root.iterdir() if p.is_dir() and audit_files(p))
+    return found
 
 
 def file_name(n: int) -> str:

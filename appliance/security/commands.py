@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.errors import ApplianceError
+from appliance.config import state_dir
 from appliance.security import audit, pki
 from appliance.security.tokens import TokenStore
 
@@ -154,12 +155,24 @@ def _audit_verify(args: argparse.Namespace) -> int:
     if args.dir is not None and not Path(args.dir).is_dir():
         print(f"error: no audit folder at {args.dir}", file=sys.stderr)
         return 1
-    result = audit.verify(args.dir)
-    if result.ok:
-        print(f"audit trail OK: {result.n_records} records, chain intact")
+    root = Path(args.dir) if args.dir is not None else state_dir("audit")
+    chains = audit.streams(root)
+    if not chains:
+        print(f"audit trail OK: no records yet in {root}")
         return 0
-    print(
-        f"audit trail BROKEN after {result.n_records} good records: {result.first_error}",
-        file=sys.stderr,
-    )
-    return 1
+    broken = 0
+    for chain in chains:
+        result = audit.verify(chain)
+        name = chain.relative_to(root).as_posix() if chain != root else "."
+        if result.ok:
+            print(f"{name}: OK, {result.n_records} records, chain intact")
+        else:
+            broken += 1
+            print(
+                f"{name}: BROKEN after {result.n_records} good records: {result.first_error}", file=sys.stderr
+            )
+    if broken:
+        print(f"audit trail BROKEN: {broken} of {len(chains)} chains fail to verify", file=sys.stderr)
+        return 1
+    print(f"audit trail OK: {len(chains)} chain(s) verified")
+    return 0

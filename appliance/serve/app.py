@@ -26,7 +26,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from appliance.config import OFFLINE_ENV, appliance_home, apply_offline_env
-from appliance.errors import ApplianceError, Unavailable
+from appliance.errors import ApplianceError, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 APP_NAME = "appliance"
@@ -81,6 +81,17 @@ class AppArgs(BaseModel):
     store_escalation_texts: bool = False
 
 
+def _mapped(exc: Exception) -> ApplianceError:
+    """A Ray error from the generalist deployment as the status the caller should see."""
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, ApplianceError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return ResourceExhausted("the generalist is overloaded; retry later")
+    return Unavailable(f"the generalist is unavailable ({type(exc).__name__}); it is being restarted")
+
+
 class GeneralistClient:
     """The generalist deployment seen from the ingress: classify, generate, readiness."""
 
@@ -117,10 +128,8 @@ class GeneralistClient:
         try:
             async for chunk in stream:
                 yield chunk
-        except ApplianceError:
-            raise
         except Exception as exc:
-            raise Unavailable(f"the generalist is unavailable: {type(exc).__name__}") from exc
+            raise _mapped(exc) from exc
 
 
 @serve.deployment(
@@ -152,7 +161,7 @@ class Ingress:
         self._tasks: list[asyncio.Task[None]] = []
         if self.generalist is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self.generalist.watch()))
-        router = build_router(a, home, self.generalist)
+        router = build_router(a, home, self.generalist, metrics)
         self.runtime = ServingRuntime(
             RuntimeSettings(
                 models=tuple(a.models),
@@ -206,15 +215,17 @@ class Ingress:
         await self.server.stop()
 
 
-def build_router(args: AppArgs, home: Path, generalist: GeneralistClient | None) -> Any:
+def build_router(args: AppArgs, home: Path, generalist: GeneralistClient | None, metrics: Any) -> Any:
     """The cascade router with its escalation store and cost model."""
     from appliance.router.cascade import Cascade
     from appliance.router.cost import CostModel
     from appliance.router.escalations import EscalationStore
 
+    from appliance.router.metrics import RouterMetrics
+
     store = EscalationStore(home / "escalations" / "escalations.db", store_texts=args.store_escalation_texts)
     cost = CostModel(price_per_hour=args.price_per_hour, currency=args.currency)
-    return Cascade(generalist, store, cost)
+    return Cascade(generalist, store, cost, RouterMetrics(metrics.registry))
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -257,7 +257,7 @@ class ServingRuntime:
             previous = self._serving.get(name)
             specialist = await asyncio.to_thread(self._open, model)  # raises: the old one keeps serving
             if self.router is not None:
-                self.router.check_model(specialist)
+                await self.router.check_model(specialist)
             loaded = Loaded(specialist)
             self._install(loaded)
             # one text through the shared batcher and head bank, so the first caller pays nothing
