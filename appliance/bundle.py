@@ -194,7 +194,9 @@ def copy_models(specs: list[str], home: Path, out: Path) -> list[str]:
     for spec in specs:
         name, _, version = spec.partition(":")
         model_dir = home / "models" / name
-        versions = [model_dir / version] if version else sorted(p for p in model_dir.glob("*") if p.is_dir())
+        # Published versions are numbered folders; ".staging-*" folders are unfinished publishes.
+        published = sorted((p for p in model_dir.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+        versions = [model_dir / version] if version else published
         if not versions or not all(v.is_dir() for v in versions):
             raise BundleError(f"model {spec!r} not found under {home / 'models'}")
         for version_dir in versions:
@@ -226,6 +228,8 @@ def build_bundle(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(out)
     wheel_dir = out / "wheels"
     wheel_dir.mkdir(parents=True)
+    # Models first: a missing or unsigned model fails before minutes of downloading.
+    models = copy_models(args.models, config.appliance_home(), out) if args.models else []
 
     if args.wheel:
         project_wheel = Path(shutil.copy2(args.wheel, wheel_dir / args.wheel.name))
@@ -267,7 +271,6 @@ def build_bundle(args: argparse.Namespace) -> dict[str, Any]:
         "Install: pip install --no-index --find-links wheels --require-hashes --no-deps -r requirements.lock"
     )
     write_lock(wheels, out / "requirements.lock", header)
-    models = copy_models(args.models, config.appliance_home(), out) if args.models else []
     appliance_wheel = next(w for w in wheels if w.name == "appliance")
     meta: dict[str, Any] = {
         "format": BUNDLE_FORMAT,

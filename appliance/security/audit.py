@@ -22,9 +22,9 @@ import fcntl
 import hashlib
 import json
 import os
-import socket
 import queue
 import re
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass

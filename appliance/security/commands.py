@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.errors import ApplianceError
 from appliance.config import state_dir
+from appliance.errors import ApplianceError
 from appliance.security import audit, pki
 from appliance.security.tokens import TokenStore
 

@@ -220,7 +220,6 @@ def build_router(args: AppArgs, home: Path, generalist: GeneralistClient | None,
     from appliance.router.cascade import Cascade
     from appliance.router.cost import CostModel
     from appliance.router.escalations import EscalationStore
-
     from appliance.router.metrics import RouterMetrics
 
     store = EscalationStore(home / "escalations" / "escalations.db", store_texts=args.store_escalation_texts)
