@@ -184,10 +184,10 @@ def run_demo(ns: argparse.Namespace) -> int:
     print(f"\n{response.model}:{response.version} over gRPC ({client.connection.address}):")
     for text, r in zip(DEMO_TEXTS, response.results, strict=True):
         alternatives = ", ".join(f"{label} {score:.2f}" for label, score in r.top[1:])
-        print(
-            f"  {text!r}\n    -> {r.label} ({r.confidence:.2f}; route {r.route}, {r.latency_ms:.1f} ms; next: {alternatives})"
-        )
-    print(
-        '\nThe appliance keeps running: `appliance classify --model banking77 "..."`, `appliance status`, `appliance stop`.'
-    )
+        print(f"  {text!r}")
+        print(f"    -> {r.label} ({r.confidence:.2f}; route {r.route}, {r.latency_ms:.1f} ms; next: {alternatives})")
+    print("\nThe appliance keeps running. Try:")
+    print('  appliance classify --model banking77 "I lost my card"')
+    print("  appliance status")
+    print("  appliance stop")
     return 0
