@@ -185,7 +185,8 @@ def run_demo(ns: argparse.Namespace) -> int:
     for text, r in zip(DEMO_TEXTS, response.results, strict=True):
         alternatives = ", ".join(f"{label} {score:.2f}" for label, score in r.top[1:])
         print(f"  {text!r}")
-        print(f"    -> {r.label} ({r.confidence:.2f}; route {r.route}, {r.latency_ms:.1f} ms; next: {alternatives})")
+        print(f"    -> {r.label} ({r.confidence:.2f}, route {r.route}, {r.latency_ms:.1f} ms)")
+        print(f"       next: {alternatives}")
     print("\nThe appliance keeps running. Try:")
     print('  appliance classify --model banking77 "I lost my card"')
     print("  appliance status")
