@@ -119,6 +119,10 @@ class _Answered:
     unit_seconds: float  # this text's share of the engine's busy span, in cores or accelerators
 
 
+# How long specialist-only decision rows may wait in memory before they are written.
+FLUSH_INTERVAL_S = 0.5
+
+
 class Cascade:
     def __init__(
         self,
@@ -142,6 +146,23 @@ class Cascade:
         self._slots = asyncio.Semaphore(max_concurrency)
         # Models whose label set the generalist cannot take, with the reason (set at load).
         self._unfit: dict[tuple[str, int], str] = {}
+        self._pending: list[DecisionRecord] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(FLUSH_INTERVAL_S)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the decision rows still buffered."""
+        rows, self._pending = self._pending, []
+        if rows:
+            await asyncio.to_thread(self.escalations.record_decisions, rows)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush()
 
     async def check_model(self, model: Any) -> None:
         """At load: make sure the generalist can classify over this model's labels.
@@ -266,8 +287,15 @@ class Cascade:
                     escalation_id=escalation_id,
                 )
             )
-        # Durable before the caller can send a response that names these escalation ids.
-        await asyncio.to_thread(self.escalations.record, escalation_rows, decision_rows)
+        if escalation_rows:
+            # Durable before the caller can send a response that names these escalation ids.
+            await asyncio.to_thread(self.escalations.record, escalation_rows, decision_rows)
+        else:
+            # Specialist-only answers carry no record id: their rows are written in groups off the
+            # hot path (a thread hop and a commit per request would cost more than the answer).
+            self._pending.extend(decision_rows)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
         if self.metrics is not None:
             self.metrics.observe(ref.name, decisions, fallbacks=len(fallbacks))
         return decisions

@@ -223,6 +223,8 @@ class ServingRuntime:
         self.draining = True
         for lane in list(self._lanes.values()):
             await lane.batcher.close()
+        if self.router is not None:
+            await self.router.close()
 
     def is_ready(self, model: str | None = None) -> bool:
         if not self.started or self.draining:

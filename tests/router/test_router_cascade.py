@@ -98,12 +98,16 @@ def decide(
 ) -> tuple[list[Decision], list[SpecialistAnswer], list[str]]:
     answers = [answer(c, core_seconds=0.01 * (k + 1)) for k, c in enumerate(confidences)]
     texts = texts_for(len(confidences))
-    decisions = asyncio.run(
-        cascade.decide(
-            ref or model(), answers, policy, allow_fallback=allow_fallback, request_id="r1", texts=texts
-        )
-    )
-    return decisions, answers, texts
+
+    async def run() -> list[Decision]:
+        try:
+            return await cascade.decide(
+                ref or model(), answers, policy, allow_fallback=allow_fallback, request_id="r1", texts=texts
+            )
+        finally:
+            await cascade.close()  # writes the buffered specialist-only rows, as a server's shutdown does
+
+    return asyncio.run(run()), answers, texts
 
 
 def test_threshold_one_sends_every_text_to_the_generalist_and_records_each(rig: Rig) -> None:
