@@ -14,6 +14,7 @@ the appliance promises.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -54,6 +55,8 @@ class GeneralistArgs(BaseModel):
     max_concurrency: int = 8
     num_gpus: int = 0
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False  # skip torch.compile: starts ~30 s sooner, decodes slower
+    dtype: str | None = None  # None: float32 on CPU, the checkpoint's own type on GPU
 
 
 class AppArgs(BaseModel):
@@ -81,6 +84,19 @@ class AppArgs(BaseModel):
     store_escalation_texts: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class PricedChunk:
+    """The generalist's last chunk of a generation, with its cost."""
+
+    text: str
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    engine_seconds: float
+    cost: Any
+
+
 def _mapped(exc: Exception) -> ApplianceError:
     """A Ray error from the generalist deployment as the status the caller should see."""
     from ray.serve.exceptions import BackPressureError
@@ -95,10 +111,11 @@ def _mapped(exc: Exception) -> ApplianceError:
 class GeneralistClient:
     """The generalist deployment seen from the ingress: classify, generate, readiness."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, cost: Any, accelerator: bool = False) -> None:
         self._handle = handle
+        self._cost = cost  # appliance.router.cost.CostModel
         self.ready = False
-        self.accelerator = False
+        self.accelerator = accelerator
 
     async def watch(self) -> None:
         while True:
@@ -127,6 +144,14 @@ class GeneralistClient:
         )
         try:
             async for chunk in stream:
+                if chunk.finished:  # the last chunk carries the usage; price it here
+                    seconds = chunk.engine_seconds
+                    cost = (
+                        self._cost.price(0.0, seconds)
+                        if self.accelerator
+                        else self._cost.price(seconds * self._cost.cores, 0.0)
+                    )
+                    chunk = PricedChunk(**dataclasses.asdict(chunk), cost=cost)
                 yield chunk
         except Exception as exc:
             raise _mapped(exc) from exc
@@ -157,11 +182,19 @@ class Ingress:
         self.metrics_port = (
             start_metrics_server(metrics, a.metrics_port) if a.metrics_port is not None else None
         )
-        self.generalist = GeneralistClient(generalist) if generalist is not None else None
+        from appliance.router.cost import CostModel
+
+        on_gpu = bool(a.generalist and a.generalist.num_gpus)
+        cost = CostModel(
+            price_per_hour=a.price_per_hour,
+            currency=a.currency,
+            accelerators=a.generalist.num_gpus if a.generalist else 0,
+        )
+        self.generalist = GeneralistClient(generalist, cost, on_gpu) if generalist is not None else None
         self._tasks: list[asyncio.Task[None]] = []
         if self.generalist is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self.generalist.watch()))
-        router = build_router(a, home, self.generalist, metrics)
+        router = build_router(a, home, self.generalist, cost, metrics)
         self.runtime = ServingRuntime(
             RuntimeSettings(
                 models=tuple(a.models),
@@ -215,15 +248,15 @@ class Ingress:
         await self.server.stop()
 
 
-def build_router(args: AppArgs, home: Path, generalist: GeneralistClient | None, metrics: Any) -> Any:
+def build_router(
+    args: AppArgs, home: Path, generalist: GeneralistClient | None, cost: Any, metrics: Any
+) -> Any:
     """The cascade router with its escalation store and cost model."""
     from appliance.router.cascade import Cascade
-    from appliance.router.cost import CostModel
     from appliance.router.escalations import EscalationStore
     from appliance.router.metrics import RouterMetrics
 
     store = EscalationStore(home / "escalations" / "escalations.db", store_texts=args.store_escalation_texts)
-    cost = CostModel(price_per_hour=args.price_per_hour, currency=args.currency)
     return Cascade(generalist, store, cost, RouterMetrics(metrics.registry))
 
 
@@ -244,6 +277,8 @@ def build_app(args: dict[str, Any]) -> Application:
             max_concurrency=g.max_concurrency,
             num_gpus=g.num_gpus,
             tensor_parallel_size=g.tensor_parallel_size,
+            enforce_eager=g.enforce_eager,
+            dtype=g.dtype,
         )
     ingress: Application = Ingress.options(
         ray_actor_options={"num_cpus": a.ingress_cpus, "runtime_env": {"env_vars": env}},
