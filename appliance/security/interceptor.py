@@ -14,7 +14,17 @@ own behaviour, where the deserialized request is at hand (unary and server-strea
 Every call, admitted or not, leaves one audit record: time, caller (token name and mTLS client
 certificate subject), rpc, model, final status code, latency and request id. Request texts are
 recorded only with ``audit_texts=True``. By default the response waits until its record is on
-disk, so no answer leaves the server without a durable trace.
+disk, so no answer leaves the server without a durable trace. That holds for errors too:
+``context.abort`` sends the status at once, so every abort (the interceptor's own denials and the
+servicers' errors, through a wrapped context) writes the record first.
+
+A request that does not parse as its method's message is answered INVALID_ARGUMENT (after the
+token check) and audited like any other call, instead of failing inside grpc unrecorded.
+
+Caller-controlled strings are clipped where they leave the process: model names and request ids
+in records, and status details (which often quote the bad input) in records and on the wire. A
+megabyte-long model name must neither bloat the trail nor push the status past grpc's trailer
+size limit, where the caller would see RESOURCE_EXHAUSTED instead of the real error.
 """
 
 from __future__ import annotations
@@ -73,6 +83,12 @@ REFLECTION_PREFIXES = (
 )
 # where a request carries the model name used for "classify:<model>" etc. and its request id
 _REQUEST_ID_FIELDS = ("request_id", "id")
+MAX_FIELD_CHARS = 256  # model names and request ids in records; real ones are far shorter
+MAX_DETAILS_CHARS = 1024  # status details; grpc's default trailer limit is 8 KiB
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more characters]"
 
 
 def is_loopback(bind_address: str) -> bool:
@@ -117,6 +133,46 @@ class _Call:
     texts: list[str] | None = None
     code: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
+    recorded: bool = False
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so that the call is still audited."""
+
+    error: str
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # DecodeError, bad UTF-8, recursion limit: the caller's fault
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
+class _RecordingContext:
+    """The servicer's view of the context: ``abort`` writes the audit record before the status
+    leaves (grpc sends it from inside ``abort``). Everything else is the real context."""
+
+    def __init__(
+        self, context: grpc.aio.ServicerContext, before_abort: Callable[..., Awaitable[None]]
+    ) -> None:
+        self._context = context
+        self._before_abort = before_abort
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        details = clip(details, MAX_DETAILS_CHARS)
+        await self._before_abort(code, details)
+        await self._context.abort(code, details, trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class _Denied(Exception):
@@ -172,13 +228,15 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        # one request message: parse it leniently, so that garbage is audited and answered precisely
+        single = {**kwargs, "request_deserializer": _lenient(handler.request_deserializer)}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary, streamed=False), **kwargs
+                self._wrap_unary(method, handler.unary_unary, streamed=False), **single
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream, streamed=False), **kwargs
+                self._wrap_stream(method, handler.unary_stream, streamed=False), **single
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
@@ -197,7 +255,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(method)
             try:
                 self._admit(call, None if streamed else request, context)
-                result = behavior(request, context)
+                result = behavior(request, self._recording(call, context))
                 return await result if inspect.isawaitable(result) else result
             except BaseException as exc:
                 await self._fail(call, exc, context)
@@ -212,7 +270,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(method)
             try:
                 self._admit(call, None if streamed else request, context)
-                result = behavior(request, context)
+                result = behavior(request, self._recording(call, context))
                 if hasattr(result, "__aiter__"):
                     async for response in result:
                         yield response
@@ -228,6 +286,13 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
                 await self._record(call, context)
 
         return stream
+
+    def _recording(self, call: _Call, context: grpc.aio.ServicerContext) -> _RecordingContext:
+        async def before_abort(code: grpc.StatusCode, details: str) -> None:
+            call.code, call.details = code, details
+            await self._record(call, context)
+
+        return _RecordingContext(context, before_abort)
 
     def _unimplemented(self, method: str) -> Behavior:
         async def unimplemented(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -255,12 +320,14 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
         call.peer = context.peer() or ""
         call.cert = _peer_subject(context)
         metadata = _metadata(context)
-        self._describe(call, request, metadata)
+        undecodable = request if isinstance(request, _Undecodable) else None
+        self._describe(call, None if undecodable else request, metadata)
         if self.audit.failed is not None:
             raise _Denied(
                 grpc.StatusCode.UNAVAILABLE, "the audit trail cannot record calls; refusing service"
             )
         if self.open_methods and call.method.startswith(self.open_methods):
+            _refuse_undecodable(call.method, undecodable)
             return
         principal = self._authenticate(metadata.get("authorization"))
         call.token = principal.name
@@ -269,6 +336,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
             raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"method {call.method} is not open to any scope")
         if not served:
             raise _Denied(grpc.StatusCode.UNIMPLEMENTED, f"method {call.method} is not implemented")
+        _refuse_undecodable(call.method, undecodable)
         required = rule.scope
         if rule.model_field is not None:
             if request is None:
@@ -305,7 +373,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
     def _describe(self, call: _Call, request: Any, metadata: Mapping[str, str]) -> None:
         rule = self.rules.get(call.method)
         if request is not None and rule is not None and rule.model_field:
-            call.model = str(getattr(request, rule.model_field, "") or "") or None
+            call.model = clip(str(getattr(request, rule.model_field, "") or ""), MAX_FIELD_CHARS) or None
         request_id = next(
             (
                 str(v)
@@ -319,7 +387,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
             # echo the same id the audit trail holds (the servicer makes one only when empty)
             if request is not None and hasattr(request, "request_id"):
                 request.request_id = request_id
-        call.request_id = request_id
+        call.request_id = clip(request_id, MAX_FIELD_CHARS)
         if self.audit_texts and request is not None:
             call.texts = _texts(request)
 
@@ -330,17 +398,23 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
         (``abort`` raises; the wrapper's ``finally`` writes the record)."""
         if isinstance(exc, _Denied | ApplianceError):
             call.code = exc.code
-            call.details = exc.details if isinstance(exc, _Denied) else exc.message
+            call.details = clip(exc.details if isinstance(exc, _Denied) else exc.message, MAX_DETAILS_CHARS)
+            await self._record(call, context)  # before abort, which sends the status at once
             await context.abort(call.code, call.details)
         elif isinstance(exc, grpc.aio.AbortError):
-            call.code = _context_code(context) or grpc.StatusCode.UNKNOWN
-            call.details = _context_details(context)
+            if not call.recorded:
+                call.code = _context_code(context) or grpc.StatusCode.UNKNOWN
+                call.details = _context_details(context)
         elif isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the client went away
             call.code = grpc.StatusCode.CANCELLED
         else:
             call.code, call.details = grpc.StatusCode.UNKNOWN, f"unexpected {type(exc).__name__}"
 
     async def _record(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        """Write the call's one record; later calls for the same call do nothing."""
+        if call.recorded:
+            return
+        call.recorded = True
         if call.code == grpc.StatusCode.OK:
             code = _context_code(context)
             if code is not None:  # the handler set a status without raising
@@ -366,6 +440,14 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
         except AuditError:
             log.exception("audit record lost for %s %s", call.method, call.request_id)
             raise
+
+
+def _refuse_undecodable(method: str, undecodable: _Undecodable | None) -> None:
+    if undecodable is not None:
+        raise _Denied(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid message for {method} ({undecodable.error})",
+        )
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -405,9 +487,8 @@ def _context_details(context: grpc.aio.ServicerContext) -> str:
         details = context.details()
     except (AttributeError, NotImplementedError):
         return ""
-    if isinstance(details, bytes):
-        return details.decode(errors="replace")
-    return str(details or "")
+    text = details.decode(errors="replace") if isinstance(details, bytes) else str(details or "")
+    return clip(text, MAX_DETAILS_CHARS)
 
 
 def _texts(request: Any) -> list[str] | None:
