@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,16 @@ def rootfs() -> Path:
 
 
 @pytest.fixture(scope="session")
-def make_target(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
-    """Fresh copies of the pristine tree, removed at the end of the session."""
-    made: list[Path] = []
+def make_target(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Fresh copies of the pristine tree. They live in pytest's temporary folders, which pytest
+    prunes to the last few sessions; deleting gigabytes of small files here would only slow CI."""
 
     def make(name: str) -> Path:
         target = tmp_path_factory.mktemp("targets") / name
         subprocess.run(["cp", "-a", str(rootfs), str(target)], check=True)
-        made.append(target)
         return target
 
-    yield make
-    for target in made:
-        shutil.rmtree(target, ignore_errors=True)
+    return make
 
 
 @pytest.fixture(scope="session")
