@@ -41,6 +41,7 @@ def main() -> int:
     parser.add_argument("--profile", choices=sorted(IMPORTS), default="cpu")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the bundle and the target afterwards")
+    parser.add_argument("--bundle", type=Path, help="install this existing bundle instead of building one")
     args = parser.parse_args()
     require_root_tools()
     work = args.work or Path(tempfile.mkdtemp(prefix="appliance-full-install-"))
@@ -54,23 +55,10 @@ def main() -> int:
         print(f"{name}: {timings[name]} s", flush=True)
         return result
 
-    bundle = work / f"bundle-{args.profile}"
-    timed(
-        "bundle",
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "appliance.bundle",
-            "--profile",
-            args.profile,
-            "--out",
-            str(bundle),
-            "--force",
-        ],
-        check=True,
-        cwd=REPO,
-    )
+    bundle = args.bundle or work / f"bundle-{args.profile}"
+    if not args.bundle:
+        command = ["-m", "appliance.bundle", "--profile", args.profile, "--out", str(bundle), "--force"]
+        timed("bundle", subprocess.run, [sys.executable, *command], check=True, cwd=REPO)
     rootfs = timed("debootstrap (or cache)", build_rootfs)
     target = work / "target"
     shutil.rmtree(target, ignore_errors=True)
@@ -122,7 +110,9 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        if not args.bundle:
+            shutil.rmtree(bundle, ignore_errors=True)
     second_changed = sum(host["changed"] for host in second.recap().values())
     ok = imports.returncode == 0 and second.returncode == 0 and second_changed == 0
     return 0 if ok else 1
