@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -37,6 +38,8 @@ ENCODER_MANIFEST = "encoder.json"
 MANIFEST_FORMAT = 1
 # Lower-case names that are safe as one path component on every platform.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# ASCII digits only: str.isdigit() also accepts '²' or '١', which int() rejects or misreads.
+VERSION_RE = re.compile(r"[0-9]+")
 _STAGING_PREFIX = ".staging-"
 
 
@@ -55,7 +58,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
+    if not VERSION_RE.fullmatch(version) or int(version) < 1:
         raise InvalidArgument(f"invalid model version in {ref!r}: expected a positive integer")
     return name, int(version)
 
@@ -140,7 +143,9 @@ class ModelStore:
         folder = self.models_root / validate_name(name)
         if not folder.is_dir():
             return []
-        return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+        return sorted(
+            int(p.name) for p in folder.iterdir() if VERSION_RE.fullmatch(p.name) and (p / MANIFEST).is_file()
+        )
 
     def resolve(self, ref: str) -> tuple[str, int]:
         name, version = parse_ref(ref)
@@ -246,12 +251,14 @@ class ModelStore:
         if not targets or (version is not None and version not in self.versions(name)):
             raise NotFound(f"no published model {ref!r}")
         for v in targets:
-            # rename first, so a reader never sees a half-deleted version
-            doomed = self.path(name, v).with_name(f"{_STAGING_PREFIX}rm-{v}")
+            # Rename first, so a reader never sees a half-deleted version. A unique name, so the
+            # leftover of an interrupted rm never blocks the next one.
+            doomed = self.path(name, v).with_name(f"{_STAGING_PREFIX}rm-{v}-{secrets.token_hex(4)}")
             os.rename(self.path(name, v), doomed)
             shutil.rmtree(doomed)
-        if not self.versions(name):
-            shutil.rmtree(self.models_root / name, ignore_errors=True)
+        # rmdir, not rmtree: a concurrent publish may be staging a new version in this folder.
+        with contextlib.suppress(OSError):
+            (self.models_root / name).rmdir()
         return targets
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,9 +44,28 @@ def _fail(exc: Exception) -> int:
     return 2
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as None: strict JSON parsers (jq, browsers) reject them.
+
+    NaN is what a metric reads when it has nothing to measure, e.g. the precision at a threshold
+    that no decision reaches.
+    """
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def _emit(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(result, default=float))
+        print(json.dumps(_finite(result), default=float, allow_nan=False))
         return
     for key, value in result.items():
         if not isinstance(value, dict | list):
