@@ -41,6 +41,9 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.intra_op_num_threads = threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle pool threads sleep instead of spinning: a spinning pool takes the cores that the gRPC
+    # event loop and the other batch need (bench/PERF.md: +70% served throughput on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
