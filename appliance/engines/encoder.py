@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,17 @@ class EncoderConfig:
     max_length: int = 128  # the model window used for serving; longer texts are truncated
     max_batch_texts: int = 64
     max_batch_tokens: int = 4096  # padded tokens per session call
-    intra_op_threads: int = 0  # 0: all cores of this process
+    intra_op_threads: int = 0  # per session call; 0: all cores of this process
+    # Session calls at once in embed(), each on its own thread; 0: cores // intra_op_threads.
+    parallel_batches: int = 0
+
+    @property
+    def threads(self) -> int:
+        return self.intra_op_threads or cores()
+
+    @property
+    def parallel(self) -> int:
+        return self.parallel_batches or max(1, cores() // self.threads)
 
 
 @dataclass(frozen=True)
@@ -35,10 +46,18 @@ class Tokenized:
         return [len(row) for row in self.ids]
 
 
+def cores() -> int:
+    """Cores this process may run on (its CPU set, which a container or Ray may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle pool threads sleep instead of spinning: a spinning pool takes the cores that the gRPC
@@ -115,8 +134,19 @@ class OnnxEncoder:
 
     def pooled(self, tokenized: Tokenized) -> np.ndarray:
         out = np.empty((len(tokenized.ids), self.dim), dtype=np.float32)
-        for batch in self.plan_batches(tokenized.lengths):
+        batches = self.plan_batches(tokenized.lengths)
+
+        def run(batch: list[int]) -> None:
             out[batch] = self.run_padded([tokenized.ids[i] for i in batch])
+
+        if self.config.parallel > 1 and len(batches) > 1:
+            # Whole batches side by side, one per thread: short texts make GEMMs too small to
+            # split well across threads (bench/PERF.md).
+            with ThreadPoolExecutor(self.config.parallel, thread_name_prefix="embed") as pool:
+                list(pool.map(run, batches))
+        else:
+            for batch in batches:
+                run(batch)
         return out
 
     def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:

@@ -33,6 +33,7 @@ class BatchPolicy:
     max_batch_tokens: int = 4096
     max_wait_ms: float = 0.0
     max_queue_texts: int = 2048
+    concurrent_batches: int = 1  # batches in flight at once, each on its own worker thread
 
 
 @dataclass
@@ -74,7 +75,9 @@ class Batcher(Generic[T]):
         self.policy = policy
         self._queue: list[Item] = []
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=policy.concurrent_batches, thread_name_prefix=name)
+        self._slots = asyncio.Semaphore(policy.concurrent_batches)
+        self._running: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._on_batch = on_batch
@@ -143,7 +146,6 @@ class Batcher(Generic[T]):
         return sum(item.length for item in self._queue)
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while not (self._closed and not self._queue):
             if not self._queue:
                 self._wakeup.clear()
@@ -161,25 +163,37 @@ class Batcher(Generic[T]):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
                     continue
+            await self._slots.acquire()  # cut only when a worker is free: the queue fills meanwhile
             batch = self._cut()
             if not batch:
+                self._slots.release()
                 continue
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(self._executor, self._runner, batch)
-            except Exception as exc:  # an engine failure fails this batch, not the server
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            wall = time.perf_counter() - started
-            for item, result in zip(batch, results, strict=True):
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        if self._running:
+            await asyncio.gather(*self._running)
+
+    async def _run(self, batch: list[Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._runner, batch)
+        except Exception as exc:  # an engine failure fails this batch, not the server
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(result)
-            if self._on_batch is not None:
-                longest = max(item.length for item in batch)
-                stats = BatchStats(len(batch), longest * len(batch), sum(i.length for i in batch), wall)
-                self._on_batch(stats, len(self._queue))
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        wall = time.perf_counter() - started
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)
+        if self._on_batch is not None:
+            longest = max(item.length for item in batch)
+            stats = BatchStats(len(batch), longest * len(batch), sum(i.length for i in batch), wall)
+            self._on_batch(stats, len(self._queue))
 
     async def close(self) -> None:
         """Finish what is queued, then stop; new submissions get UNAVAILABLE."""

@@ -23,13 +23,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from appliance.engines.encoder import EncoderConfig, OnnxEncoder, l2_normalize
+from appliance.engines.encoder import EncoderConfig, OnnxEncoder, cores, l2_normalize
 from appliance.engines.specialist import Specialist, load_specialist
 from appliance.errors import ApplianceError, InvalidArgument, NotFound, Unavailable
 from appliance.serve.batcher import Batcher, BatchPolicy, BatchStats, Item
@@ -54,6 +54,8 @@ class RuntimeSettings:
     models: tuple[str, ...] = ()  # loaded and warmed before the server reports SERVING
     limits: Limits = field(default_factory=Limits)
     batch: BatchPolicy = field(default_factory=BatchPolicy)
+    # 0: one ORT thread per batch and one batch in flight per core. Short texts make small GEMMs,
+    # where threads of one call spend more time meeting than computing (bench/PERF.md).
     intra_op_threads: int = 0
     max_loaded_models: int = 64
     load_on_demand: bool = True
@@ -239,11 +241,17 @@ class ServingRuntime:
         return loaded is not None
 
     # ------------------------------------------------------------------ model management
+    def _batch_policy(self) -> BatchPolicy:
+        policy = self.settings.batch
+        if self.settings.intra_op_threads == 0:
+            return replace(policy, concurrent_batches=max(policy.concurrent_batches, cores()))
+        return policy
+
     def _open(self, ref: str) -> Specialist:
         config = EncoderConfig(
             max_batch_texts=self.settings.batch.max_batch_texts,
             max_batch_tokens=self.settings.batch.max_batch_tokens,
-            intra_op_threads=self.settings.intra_op_threads,
+            intra_op_threads=self.settings.intra_op_threads or 1,
         )
         specialist = load_specialist(ref, self.store, config)
         lane = self._lanes.get(specialist.manifest.encoder_id)
@@ -271,7 +279,7 @@ class ServingRuntime:
         spec = loaded.specialist
         encoder_id = spec.manifest.encoder_id
         if encoder_id not in self._lanes:
-            lane = EncoderLane(encoder_id, spec.encoder, self.settings.batch, self.metrics)
+            lane = EncoderLane(encoder_id, spec.encoder, self._batch_policy(), self.metrics)
             lane.batcher.start()
             self._lanes[encoder_id] = lane
         self._versions[loaded.key] = loaded
