@@ -89,7 +89,10 @@ def run_case(case: Case, home: Path, seed: int) -> dict[str, Any]:
         few_shot=case.few_shot,
         max_minutes=case.max_minutes or 45.0,
         seed=seed,
-        checkpoint_dir=home / "checkpoints" / case.name if case.mode == "finetune" else None,
+        # Per budget: a checkpoint finished under one budget would otherwise end a longer run at once.
+        checkpoint_dir=home / "checkpoints" / f"{case.name}-{case.max_minutes:g}m"
+        if case.mode == "finetune"
+        else None,
     )
     started = time.perf_counter()
     result = train(spec, ModelStore(home), progress)

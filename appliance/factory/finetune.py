@@ -425,6 +425,13 @@ class Trainer:
             mininterval=1.0,
             dynamic_ncols=True,
         )
+        outer = self.progress
+
+        def say(message: str) -> None:  # clear the bar, print, redraw: no message lands mid-bar
+            with tqdm.external_write_mode(file=sys.stderr):
+                outer(message)
+
+        self.progress = say
         self.model.train()
         try:
             while True:
@@ -451,6 +458,7 @@ class Trainer:
             state.done = state.stop_reason != "time budget spent"
             self.save()
         finally:
+            self.progress = outer
             bar.close()
 
     def train_step(self, batch: list[int]) -> None:
