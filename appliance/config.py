@@ -21,6 +21,29 @@ OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DASHBOARD_ENABLED": "0",
+    # vLLM finds its own address by "connecting" a UDP socket to 8.8.8.8 unless told; an engine
+    # (one GPU or one tensor-parallel group) never spans boxes here, so loopback is its address.
+    "VLLM_HOST_IP": "127.0.0.1",
+}
+
+
+# The embedded default (a single-box Ray) runs with these too:
+# - Ray resolves its node address to loopback without probing the network (on Linux it otherwise
+#   "connects" a UDP socket to 8.8.8.8:53 to find its outbound interface, then binds and dials the
+#   box's external address). Ray reads this at import, so it is set before Ray starts.
+# - Outbound HTTP from any library is sent to a closed port on loopback, and only loopback is
+#   reached directly. Ray 2.60's usage-stats module probes cloud metadata endpoints
+#   (169.254.169.254) before it checks that usage stats are off; with this it never leaves the box.
+_DEAD_PROXY = "http://127.0.0.1:9"
+_LOOPBACK = "127.0.0.1,localhost,::1"
+LOCAL_RAY_ENV: dict[str, str] = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HTTP_PROXY": _DEAD_PROXY,
+    "HTTPS_PROXY": _DEAD_PROXY,
+    "http_proxy": _DEAD_PROXY,
+    "https_proxy": _DEAD_PROXY,
+    "NO_PROXY": _LOOPBACK,
+    "no_proxy": _LOOPBACK,
 }
 
 

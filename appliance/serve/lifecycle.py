@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.config import OFFLINE_ENV, appliance_home, apply_offline_env, state_dir
+from appliance.config import LOCAL_RAY_ENV, OFFLINE_ENV, appliance_home, apply_offline_env, state_dir
 from appliance.serve.app import APP_NAME, AppArgs, build_app
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,17 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     import ray
 
     apply_offline_env()
-    runtime_env = {"env_vars": {**OFFLINE_ENV, "APPLIANCE_HOME": str(appliance_home())}}
+    env = {**OFFLINE_ENV, "APPLIANCE_HOME": str(appliance_home())}
     if address:
+        runtime_env = {"env_vars": env}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         return False
+    os.environ.update(LOCAL_RAY_ENV)  # inherited by the GCS, raylet and workers started below
+    # This process may have imported Ray before the variable was set; Ray reads it at import.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    runtime_env = {"env_vars": {**env, **LOCAL_RAY_ENV}}
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
