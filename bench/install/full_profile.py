@@ -88,7 +88,13 @@ def main() -> int:
         capture_output=True,
         text=True,
         check=False,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    units = sorted(
+        f"/etc/systemd/system/{p.name}" for p in (target / "etc/systemd/system").glob("appliance-*.service")
+    )
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={target}", *units], capture_output=True, text=True, check=False
     )
     home = target / "var" / "lib" / "appliance"
     result = {
@@ -104,6 +110,7 @@ def main() -> int:
         "imports": imports.stdout.strip() or imports.stderr.strip()[-2000:],
         "pki_files": sorted(p.name for p in (home / "pki").iterdir()),
         "admin_token_present": (target / "etc/appliance/admin.token").is_file(),
+        "units_verified": verify.returncode == 0 and not verify.stderr.strip(),
     }
     out = REPO / "bench" / "results" / f"install-{args.profile}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +121,12 @@ def main() -> int:
         if not args.bundle:
             shutil.rmtree(bundle, ignore_errors=True)
     second_changed = sum(host["changed"] for host in second.recap().values())
-    ok = imports.returncode == 0 and second.returncode == 0 and second_changed == 0
+    ok = (
+        imports.returncode == 0
+        and second.returncode == 0
+        and second_changed == 0
+        and result["units_verified"]
+    )
     return 0 if ok else 1
 
 
