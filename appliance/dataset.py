@@ -423,9 +423,9 @@ def _read_jsonl(
 def _read_parquet(
     path: Path, text_column: str, label_column: str, problems: _Problems
 ) -> Iterator[tuple[int, object, object]]:
-    # Imported here: only Parquet needs it, and it ships no type information.
-    import pyarrow as pa  # type: ignore[import-untyped]
-    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+    # Imported here: only Parquet needs it.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     arrow_errors = (pa.ArrowException, ValueError, OverflowError, TypeError)
     try:

@@ -119,8 +119,8 @@ def generate(out_dir: Path = STUB_ROOT, proto_root: Path = PROTO_ROOT) -> list[P
             (folder / "__init__.py").write_text(init, encoding="utf-8")
 
         if out_dir.exists():
-            init = out_dir / "__init__.py"
-            if not (init.is_file() and init.read_text(encoding="utf-8").startswith(MARKER)):
+            marker_file = out_dir / "__init__.py"
+            if not (marker_file.is_file() and marker_file.read_text(encoding="utf-8").startswith(MARKER)):
                 raise FileExistsError(f"{out_dir} exists and was not written by protogen; not replacing it")
             shutil.rmtree(out_dir)
         shutil.copytree(staged, out_dir)

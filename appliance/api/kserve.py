@@ -300,6 +300,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return model_metadata(description)
         except ApplianceError as err:
             await context.abort(err.code, err.message)
+            raise  # abort raises; this only tells type checkers so
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -319,3 +320,4 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return build_infer_response(request, parsed, outcome)
         except ApplianceError as err:
             await context.abort(err.code, err.message)
+            raise  # abort raises; this only tells type checkers so

@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train.add_argument("--eval-data", type=Path, help="held-out file (default: a stratified 10%% split)")
     train.add_argument("--base", type=Path, help="local Hugging Face encoder folder (default: MiniLM-L6)")
     train.add_argument("--max-minutes", type=float, default=45.0, help="finetune time budget")
+    train.add_argument(
+        "--strategy",
+        choices=("auto", "classifier", "contrastive"),
+        default="auto",
+        help="finetune objective (auto: contrastive with 16 or fewer examples per label)",
+    )
     train.add_argument("--target-precision", type=float, default=0.99)
     train.add_argument("--few-shot", type=int, metavar="K", help="keep K examples per label")
     train.add_argument("--checkpoint-dir", type=Path, help="finetune checkpoints (resumes if present)")
@@ -87,6 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
         target_precision=args.target_precision,
         few_shot=args.few_shot,
         checkpoint_dir=args.checkpoint_dir,
+        finetune_strategy=args.strategy,
         seed=args.seed,
     )
     try:

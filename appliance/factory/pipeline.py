@@ -56,6 +56,7 @@ class TrainSpec:
     seed: int = 0
     default_policy: str = "cascade"
     head_c: float = DEFAULT_C
+    finetune_strategy: str = "auto"  # auto | classifier | contrastive
     few_shot: int | None = None  # keep k examples per label (few-shot experiments)
     checkpoint_dir: Path | None = None
     label_descriptions: dict[str, str] = field(default_factory=dict)
@@ -191,14 +192,25 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
     timings["validate"] = time.perf_counter() - started
 
     t = time.perf_counter()
+    finetune_summary: dict[str, Any] | None = None
     if spec.mode == "head":
         encoders = base_encoders(store, base, progress)
     else:
-        from appliance.factory.finetune import finetune
+        from appliance.factory.finetune import finetune_encoder
 
-        tuned = finetune(spec, base, train_set.texts, y_train, len(labels), window, progress)
+        tuned = finetune_encoder(
+            spec,
+            base,
+            train_set.texts,
+            y_train,
+            len(labels),
+            window,
+            progress,
+            strategy=spec.finetune_strategy,
+        )
+        finetune_summary = tuned.summary
         base_hash = folder_digest(hash_files(base))
-        encoders = _store_exported(store, base, base_hash, encoder=tuned)
+        encoders = _store_exported(store, base, base_hash, encoder=tuned.encoder)
     timings["encoder"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -247,6 +259,7 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
         },
         "quantization": quantization,
         "default_policy": spec.default_policy,
+        "finetune": finetune_summary,
         "data": {
             "train": dataset.fingerprint(train_set),
             "heldout": dataset.fingerprint(heldout),

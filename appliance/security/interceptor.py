@@ -185,7 +185,7 @@ class _Denied(Exception):
 Behavior = Callable[..., Any]
 
 
-class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
+class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
     def __init__(
         self,
         tokens: TokenStore,
@@ -211,7 +211,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         handler = await continuation(handler_call_details)
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:  # wrappers hold no per-call state

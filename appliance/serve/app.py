@@ -73,8 +73,8 @@ class AppArgs(BaseModel):
     open_reflection: bool = False
     audit_texts: bool = False
     metrics_port: int | None = Field(9464, ge=0, le=65535)
-    limits: LimitsArgs = Field(default_factory=LimitsArgs)
-    batch: BatchArgs = Field(default_factory=BatchArgs)
+    limits: LimitsArgs = LimitsArgs()
+    batch: BatchArgs = BatchArgs()
     intra_op_threads: int = Field(0, ge=0)
     max_loaded_models: int = Field(64, ge=1)
     ingress_cpus: float = Field(1.0, gt=0)
@@ -111,7 +111,7 @@ def _mapped(exc: Exception) -> ApplianceError:
 class GeneralistClient:
     """The generalist deployment seen from the ingress: classify, generate, readiness."""
 
-    def __init__(self, handle: DeploymentHandle, cost: Any, accelerator: bool = False) -> None:
+    def __init__(self, handle: DeploymentHandle[Any], cost: Any, accelerator: bool = False) -> None:
         self._handle = handle
         self._cost = cost  # appliance.router.cost.CostModel
         self.ready = False
@@ -139,7 +139,7 @@ class GeneralistClient:
         await self._handle.check_label_set.remote(list(labels), dict(descriptions or {}))
 
     async def generate(self, *, timeout: float | None = None, **request: Any) -> AsyncIterator[Any]:
-        stream = self._handle.options(stream=True).generate.remote(
+        stream: Any = self._handle.options(stream=True).generate.remote(
             {k: v for k, v in request.items() if v is not None}
         )
         try:
@@ -167,7 +167,10 @@ class GeneralistClient:
 class Ingress:
     """Starts the runtime and the gRPC server inside the replica's event loop."""
 
-    async def __init__(self, args: dict[str, Any], generalist: DeploymentHandle | None = None) -> None:
+    # Ray Serve awaits an async constructor; type checkers only know synchronous ones.
+    async def __init__(  # type: ignore[misc]
+        self, args: dict[str, Any], generalist: DeploymentHandle[Any] | None = None
+    ) -> None:
         apply_offline_env()
         from appliance.api.server import ApplianceServer, ServerSettings
         from appliance.serve.batcher import BatchPolicy
@@ -280,7 +283,7 @@ def build_app(args: dict[str, Any]) -> Application:
             enforce_eager=g.enforce_eager,
             dtype=g.dtype,
         )
-    ingress: Application = Ingress.options(
+    ingress: Application = Ingress.options(  # type: ignore[attr-defined]  # @serve.deployment made it a Deployment
         ray_actor_options={"num_cpus": a.ingress_cpus, "runtime_env": {"env_vars": env}},
     ).bind({**a.model_dump(), "home": home}, generalist)
     return ingress
