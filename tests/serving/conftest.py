@@ -24,6 +24,7 @@ class App:
     port: int
     home: Path
     connection: Connection
+    metrics_port: int | None = None
 
     def client(self, **overrides: Any) -> Client:
         conn = Connection(**{**self.connection.__dict__, **overrides})
@@ -90,7 +91,7 @@ def start_app(ray_cluster: None, home: Path) -> Iterator[Callable[..., App]]:
         info = handle.address.remote().result()
         token = (home / "client" / "token").read_text().strip()
         conn = Connection(f"127.0.0.1:{info['port']}", tls=True, ca=home / "pki" / "ca.crt", token=token)
-        return App(name, int(info["port"]), home, conn)
+        return App(name, int(info["port"]), home, conn, info["metrics_port"])
 
     yield start
     for name in started:

@@ -129,3 +129,26 @@ def test_reflection_lists_both_apis(app: App) -> None:
         "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
     } <= services
+
+
+def test_prometheus_metrics_count_requests_batches_and_versions(app: App) -> None:
+    import urllib.request
+
+    with app.client() as client:
+        client.classify(MODEL, ["where is my card", "change my pin"])
+        with pytest.raises(grpc.RpcError):
+            client.classify("no-such-model", ["x"])
+        version = client.get_model(MODEL).version
+    assert app.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    lines = text.splitlines()
+
+    def value(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+    assert value(f'appliance_requests_total{{code="OK",method="Classify",model="{MODEL}"}}') >= 1
+    assert value('appliance_requests_total{code="NOT_FOUND",method="Classify",model="no-such-model"}') >= 1
+    assert value("appliance_batch_rows_count") >= 1
+    assert value(f'appliance_model_version_loaded{{model="{MODEL}",version="{version}"}}') == 1
+    assert value(f'appliance_decisions_total{{model="{MODEL}",route="specialist"}}') >= 2
