@@ -24,7 +24,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -488,6 +487,3 @@ def _specialist_decision(answer: SpecialistAnswer) -> Decision:
         probs=answer.probs,
     )
 
-
-def default_store(home: Path | None) -> ModelStore:
-    return ModelStore(home)
