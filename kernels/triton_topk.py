@@ -37,8 +37,10 @@ _MAX_STATE_TILE = 8192
 MAX_CLASSES = 8192
 
 
+# The @triton.jit functions below leave their runtime parameters unannotated: Triton reads parameter
+# annotations as kernel types (``tl.constexpr``, pointer dtypes), not as Python type hints.
 @triton.jit
-def _softmax_topk_store(
+def _softmax_topk_store(  # type: ignore[no-untyped-def]  # Triton reads hints as kernel types
     logits,
     n_cls,
     row,
@@ -73,7 +75,7 @@ def _softmax_topk_store(
 
 
 @triton.jit
-def _head_topk(
+def _head_topk(  # type: ignore[no-untyped-def]  # Triton reads hints as kernel types
     x_ptr,
     stride_xd,
     head_ptr,
@@ -126,7 +128,7 @@ def _head_topk(
 
 
 @triton.jit
-def _fused_pool_topk_kernel(
+def _fused_pool_topk_kernel(  # type: ignore[no-untyped-def]  # Triton reads hints as kernel types
     states_ptr,
     mask_ptr,
     head_ptr,
@@ -215,7 +217,7 @@ def _fused_pool_topk_kernel(
 
 
 @triton.jit
-def _pooled_topk_kernel(
+def _pooled_topk_kernel(  # type: ignore[no-untyped-def]  # Triton reads hints as kernel types
     pooled_ptr,
     head_ptr,
     weights_ptr,

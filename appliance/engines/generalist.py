@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from appliance.config import apply_offline_env
 from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted, Unavailable
@@ -35,6 +35,8 @@ from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted,
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import RequestOutput, SamplingParams
+    from vllm.config.model import ModelDType
+    from vllm.logprobs import LogprobsOnePosition
     from vllm.v1.engine.async_llm import AsyncLLM
 
 GiB = 1 << 30
@@ -153,7 +155,7 @@ class GeneralistEngine:
             max_num_seqs=self.max_concurrency,
             tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=self.enforce_eager,
-            dtype=dtype,
+            dtype=cast("ModelDType", dtype),  # a caller's name; vLLM validates it
             seed=self.seed,
             # The model folder's sampling defaults apply only to vLLM's own HTTP server; ours
             # come from each request.
@@ -234,7 +236,9 @@ class GeneralistEngine:
     def _render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         tok = self.tokenizer
         if tok.chat_template:
-            rendered = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            rendered = tok.apply_chat_template(
+                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+            )
             return str(rendered)
         # A base model without a template: a plain transcript that ends on the assistant's turn.
         lines = [f"{m['role']}: {m['content']}" for m in messages]
@@ -441,9 +445,9 @@ class GeneralistEngine:
                 f"constrained output {answer.text!r} is not one of the labels "
                 f"(finish reason {answer.finish_reason})"
             )
-        logprob = sum(
-            step[token].logprob for token, step in zip(answer.token_ids, answer.logprobs or [], strict=True)
-        )
+        # logprobs=0 gives every generated token one entry (vLLM's container is typed as optional).
+        steps = cast("Sequence[LogprobsOnePosition]", answer.logprobs or [])
+        logprob = sum(step[token].logprob for token, step in zip(answer.token_ids, steps, strict=True))
         return ZeroShotResult(
             label=answer.text,
             confidence=min(1.0, math.exp(logprob)),

@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TypedDict
 
 from appliance.config import apply_offline_env
 
@@ -33,8 +34,21 @@ CHAT_TEMPLATE = (
 )
 
 VOCAB_SIZE = 4096
+
+
+class ModelShape(TypedDict):
+    """The Llama dimensions, spelled as ``LlamaConfig`` keywords."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+
+
 # head_dim = hidden / heads = 32: vLLM's CPU attention rejects head_dim 16.
-MODEL_SHAPE = {
+MODEL_SHAPE: ModelShape = {
     "hidden_size": 128,
     "intermediate_size": 256,
     "num_hidden_layers": 2,
@@ -46,7 +60,8 @@ MODEL_SHAPE = {
 
 def _banking77_texts() -> Iterator[str]:
     data = resources.files("appliance") / "data" / "banking77"
-    with (data / "train.csv").open(encoding="utf-8", newline="") as f:
+    # as_file: a real path, whose open() takes the newline="" the csv module needs.
+    with resources.as_file(data / "train.csv") as path, path.open(encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             yield row["text"]
     labels = json.loads((data / "categories.json").read_text(encoding="utf-8"))

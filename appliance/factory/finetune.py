@@ -43,6 +43,8 @@ from torch import nn
 from appliance.errors import InvalidArgument
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from appliance.factory.pipeline import TrainSpec
 
 Progress = Callable[[str], None]
@@ -317,7 +319,7 @@ class Batches:
 class Tuner(nn.Module):
     """The encoder, mean-pooled and normalised as it is served, plus an optional cosine classifier."""
 
-    def __init__(self, encoder: nn.Module, n_classes: int, scale: float, pad_id: int) -> None:
+    def __init__(self, encoder: PreTrainedModel, n_classes: int, scale: float, pad_id: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.scale = scale
@@ -411,7 +413,7 @@ class Trainer:
         self.losses: list[float] = []
 
     def run(self, deadline: float) -> None:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]  # types-tqdm is not installed
 
         state, plan, per_epoch = self.state, self.plan, self.batches.steps_per_epoch
         first_step, loop_started = state.step, time.monotonic()
