@@ -486,4 +486,3 @@ def _specialist_decision(answer: SpecialistAnswer) -> Decision:
         cost=Cost(core_seconds=answer.core_seconds),
         probs=answer.probs,
     )
-
