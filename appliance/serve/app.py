@@ -45,6 +45,9 @@ class BatchArgs(BaseModel):
     max_batch_tokens: int = Field(4096, ge=64)
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     max_queue_texts: int = Field(2048, ge=1)
+    # batches in flight at once, each on one ONNX Runtime thread; with intra_op_threads 0
+    # the runtime raises it to the number of cores
+    concurrent_batches: int = Field(1, ge=1, le=256)
 
 
 class GeneralistArgs(BaseModel):
