@@ -36,8 +36,10 @@ test: install
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# served vs engine vs ceiling vs a naive baseline, on the demo specialist (run `make demo` first)
+HOME_DIR ?= $(or $(APPLIANCE_HOME),$(HOME)/.local/share/appliance)
 bench: install
-	$(BIN)/python bench/compare.py --json
+	$(BIN)/python -m bench.compare --home "$(HOME_DIR)" --model banking77 --json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
