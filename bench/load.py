@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import ipaddress
 import itertools
 import json
 import math
@@ -42,6 +41,7 @@ import numpy as np
 from appliance._proto.appliance.v1 import appliance_pb2, appliance_pb2_grpc
 from appliance._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from appliance.api.kserve import encode_raw_bytes
+from appliance.security.interceptor import is_loopback
 
 APIS = ("appliance", "kserve")
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}
@@ -76,20 +76,6 @@ class Target:
             raise ValueError("channels must be at least 1")
         if not self.allow_remote and not is_loopback(self.address):
             raise ValueError(f"{self.address} is not a loopback address; pass allow_remote to load it anyway")
-
-
-def is_loopback(address: str) -> bool:
-    """True for unix sockets, localhost, and loopback IP literals (no name resolution)."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.rsplit(":", 1)[0] if ":" in address else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_texts(path: Path | None = None) -> list[str]:

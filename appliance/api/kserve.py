@@ -306,10 +306,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            # An unknown model is NOT_FOUND even when the tensors are also wrong.
             _model_ref(request.model_name, request.model_version)
-            self._backend.describe(request.model_name)
-            parsed = parse_infer_request(request)
+            try:
+                parsed = parse_infer_request(request)
+            except InvalidArgument:
+                # An unknown model is NOT_FOUND even when the tensors are also wrong.
+                self._backend.describe(request.model_name)
+                raise
             outcome = await self._backend.classify(
                 parsed.model_ref,
                 parsed.texts,

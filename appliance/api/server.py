@@ -30,6 +30,7 @@ from appliance.api.backend import Backend
 from appliance.api.kserve import KServeServicer, reflection_pool
 from appliance.api.servicers import AdminServicer, GenerationServicer, InferenceServicer, ModelServicer
 from appliance.errors import FailedPrecondition
+from appliance.security.interceptor import is_loopback
 from appliance.serve.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,6 @@ class ServerSettings:
     def bind(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
-
-
-def _is_loopback(host: str) -> bool:
-    from appliance.security.interceptor import is_loopback
-
-    return is_loopback(host)
 
 
 class ApplianceServer:
@@ -111,7 +106,7 @@ class ApplianceServer:
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         if self.settings.insecure_loopback:
-            if not _is_loopback(self.settings.host):
+            if not is_loopback(self.settings.host):
                 raise FailedPrecondition(
                     f"refusing plaintext on {self.settings.host}: --insecure-loopback binds to loopback only"
                 )

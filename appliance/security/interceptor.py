@@ -92,7 +92,10 @@ def clip(text: str, limit: int) -> str:
 
 
 def is_loopback(bind_address: str) -> bool:
-    """Whether ``host:port`` (or ``[v6]:port``) listens on loopback only."""
+    """Whether ``host:port``, ``[v6]:port`` or a unix socket address stays on this machine
+    (literals only: no name is resolved)."""
+    if bind_address.startswith(("unix:", "unix-abstract:")):
+        return True
     host = bind_address.rsplit(":", 1)[0] if bind_address.count(":") == 1 else bind_address
     if host.startswith("["):
         host = host[1 : host.index("]")]
