@@ -236,7 +236,7 @@ class ServingRuntime:
             name, version = parse_ref(model)
         except ApplianceError:
             return False
-        loaded = self._serving.get(name) if version is None else self._versions.get((name, version))
+        loaded = self._lookup(name, version)
         return loaded is not None
 
     # ------------------------------------------------------------------ model management
@@ -321,9 +321,13 @@ class ServingRuntime:
             self._rebuild_heads()
             return max(k[1] for k in keys)
 
+    def _lookup(self, name: str, version: int | None) -> Loaded | None:
+        """The loaded version asked for: the serving one for a bare name."""
+        return self._serving.get(name) if version is None else self._versions.get((name, version))
+
     async def _resolve(self, model: str) -> Loaded:
         name, version = parse_ref(model)
-        loaded = self._serving.get(name) if version is None else self._versions.get((name, version))
+        loaded = self._lookup(name, version)
         if loaded is None:
             published = self.store.versions(name)
             if not published or (version is not None and version not in published):
@@ -332,7 +336,8 @@ class ServingRuntime:
             if not self.settings.load_on_demand:
                 raise NotFound(f"model {model!r} is published but not loaded (use LoadModel)")
             await self.load_model(model)
-            loaded = self._serving[name] if version is None else self._versions[(name, version)]
+            loaded = self._lookup(name, version)
+            assert loaded is not None  # load_model just installed it
         self._versions.move_to_end(loaded.key)
         return loaded
 
@@ -343,29 +348,34 @@ class ServingRuntime:
 
     def _describe(self, loaded: Loaded) -> ModelDescription:
         spec = loaded.specialist
-        meta = spec.meta
-        metrics = {k: float(v) for k, v in meta.get("metrics", {}).items() if isinstance(v, int | float)}
+        return self._description(spec.meta, spec.version, self._limits(spec), loaded=True)
+
+    def _description(
+        self, meta: dict[str, Any], version: int, limits: Limits, loaded: bool
+    ) -> ModelDescription:
+        """A model as its manifest describes it; ``version`` 0 for one that is not loaded."""
+        calibration = meta.get("calibration", {})
         return ModelDescription(
-            name=spec.name,
-            version=spec.version,
+            name=str(meta["name"]),
+            version=version,
             kind=str(meta.get("kind", "classifier")),
-            labels=spec.labels,
-            metrics=metrics,
-            threshold=spec.threshold,
-            coverage_at_threshold=float(meta["calibration"]["coverage"]),
-            precision_at_threshold=float(meta["calibration"]["precision"]),
-            precision=spec.precision,
-            limits=self._limits(spec),
+            labels=list(meta.get("labels", [])),
+            metrics={k: float(v) for k, v in meta.get("metrics", {}).items() if isinstance(v, int | float)},
+            threshold=float(calibration.get("threshold", 0.0)),
+            coverage_at_threshold=float(calibration.get("coverage", 0.0)),
+            precision_at_threshold=float(calibration.get("precision", 0.0)),
+            precision=str(meta.get("precision", "")),
+            limits=limits,
             default_policy=Policy(meta.get("default_policy", "cascade")),
-            encoder_id=spec.manifest.encoder_id,
+            encoder_id=str(meta.get("encoder", {}).get("id", "")),
             created_at=str(meta.get("created_at", "")),
-            loaded=True,
-            available_versions=self.store.versions(spec.name),
+            loaded=loaded,
+            available_versions=self.store.versions(str(meta["name"])),
         )
 
     def describe(self, model: str) -> ModelDescription:
         name, version = parse_ref(model)
-        loaded = self._serving.get(name) if version is None else self._versions.get((name, version))
+        loaded = self._lookup(name, version)
         if loaded is None:
             if not self.store.versions(name):
                 raise NotFound(f"model {model!r} is not published on this appliance")
@@ -379,25 +389,7 @@ class ServingRuntime:
             versions = self.store.versions(name)
             if name not in loaded and versions:
                 meta = self.store.load(f"{name}:{versions[-1]}", verify=False).data
-                out.append(
-                    ModelDescription(
-                        name=name,
-                        version=0,
-                        kind=str(meta.get("kind", "classifier")),
-                        labels=list(meta.get("labels", [])),
-                        metrics={},
-                        threshold=float(meta.get("calibration", {}).get("threshold", 0.0)),
-                        coverage_at_threshold=0.0,
-                        precision_at_threshold=0.0,
-                        precision=str(meta.get("precision", "")),
-                        limits=self.settings.limits,
-                        default_policy=Policy(meta.get("default_policy", "cascade")),
-                        encoder_id=str(meta.get("encoder", {}).get("id", "")),
-                        created_at=str(meta.get("created_at", "")),
-                        loaded=False,
-                        available_versions=versions,
-                    )
-                )
+                out.append(self._description(meta, 0, self.settings.limits, loaded=False))
         return out
 
     # ------------------------------------------------------------------ inference
