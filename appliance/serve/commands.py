@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from appliance.config import LOCAL_RAY_ENV, appliance_home, state_dir
+from appliance.config import appliance_home, state_dir
 
 DEMO_MODEL = "banking77"
 DEMO_TEXTS = (
@@ -77,8 +76,6 @@ def app_args_from(ns: argparse.Namespace) -> Any:
 
 
 def run_serve(ns: argparse.Namespace) -> int:
-    if not ns.address:  # the embedded default: a local Ray on loopback only
-        os.environ.update(LOCAL_RAY_ENV)
     from appliance.serve.lifecycle import read_run_file, serve_forever
 
     running = read_run_file()
