@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "ansible"))
+sys.path.insert(0, str(REPO))  # the harness imports tests.helpers
 
 from install_harness import build_rootfs, chroot_vars, require_root_tools, run_playbook, write_inventory  # noqa: E402
 

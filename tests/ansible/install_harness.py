@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.system_tools import ensure_tool
+
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 PLUGINS = Path(__file__).resolve().parent / "plugins" / "connection"
@@ -37,10 +39,8 @@ def require_root_tools() -> None:
         pytest.skip("the install tests need root (debootstrap, chroot, network namespaces)")
     if not (VENV_BIN / "ansible-playbook").exists():
         pytest.skip(f"ansible-core is not installed in {VENV_BIN} (it is in the dev extras)")
-    if shutil.which("debootstrap") is None:
-        # CI machines start clean; the Debian archive is reachable as a package registry.
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"], check=True)
+    for command in ("debootstrap", "ip"):  # building the trees, and the tests' network namespaces
+        ensure_tool(command)
 
 
 def build_rootfs() -> Path:

@@ -8,7 +8,6 @@ which is loaded into network namespaces made here and shown to drop outbound tra
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import uuid
@@ -19,6 +18,7 @@ import pytest
 from install_harness import REPO, PlaybookRun, chroot_vars, run_adhoc, run_playbook, write_inventory
 
 from appliance.config import OFFLINE_ENV
+from tests.helpers.system_tools import ensure_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -47,7 +47,7 @@ def cluster(make_target, wheelhouse: Path, tmp_path_factory: pytest.TempPathFact
         tmp_path_factory.mktemp("inventory") / "cluster.ini",
         heads={"head": {"ansible_host": str(targets["head"]), "appliance_address": HEAD_ADDRESS}},
         workers={"worker": {"ansible_host": str(targets["worker"]), "appliance_address": WORKER_ADDRESS}},
-        **chroot_vars(wheelhouse, str(SERVE_CONFIG) if SERVE_CONFIG.is_file() else ""),
+        **chroot_vars(wheelhouse, str(SERVE_CONFIG)),
     )
     check_first = run_playbook(inventory, "--check")
     converge = run_playbook(inventory)
@@ -121,7 +121,7 @@ def test_environment_file_is_the_offline_environment(cluster: Cluster) -> None:
 
 
 def test_units_are_installed_enabled_and_valid(cluster: Cluster) -> None:
-    analyze = shutil.which("systemd-analyze")
+    analyze = ensure_tool("systemd-analyze")
     for role, units in UNITS.items():
         target = cluster.targets[role]
         for unit in units:
@@ -133,21 +133,19 @@ def test_units_are_installed_enabled_and_valid(cluster: Cluster) -> None:
                 assert re.search(r"^LimitNOFILE=\d+$", text, re.MULTILINE)
                 assert re.search(r"^MemoryMax=\S+$", text, re.MULTILINE)
                 assert "EnvironmentFile=/etc/appliance/env" in text
-        if analyze:  # checks syntax, and that every ExecStart program exists in the tree
-            paths = [f"/etc/systemd/system/{unit}" for unit in units]
-            proc = subprocess.run(
-                [analyze, "verify", f"--root={target}", *paths], capture_output=True, text=True, check=False
-            )
-            assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+        # checks syntax, and that every ExecStart program exists in the tree
+        paths = [f"/etc/systemd/system/{unit}" for unit in units]
+        proc = subprocess.run(
+            [analyze, "verify", f"--root={target}", *paths], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
     worker_unit = (cluster.targets["worker"] / "etc/systemd/system/appliance-ray-worker.service").read_text()
     assert f"--address {HEAD_ADDRESS}:6379" in worker_unit
     head_unit = (cluster.targets["head"] / "etc/systemd/system/appliance-ray-head.service").read_text()
     assert "--dashboard-host 127.0.0.1" in head_unit and "--include-dashboard false" in head_unit
 
 
-def test_serve_config_installed_when_present(cluster: Cluster) -> None:
-    if not SERVE_CONFIG.is_file():
-        pytest.skip(f"{SERVE_CONFIG.relative_to(REPO)} does not exist yet: installed without --config")
+def test_serve_config_installed(cluster: Cluster) -> None:
     installed = cluster.targets["head"] / "etc/appliance/serve.yaml"
     assert installed.read_text() == SERVE_CONFIG.read_text()
     unit = (cluster.targets["head"] / "etc/systemd/system/appliance-server.service").read_text()
@@ -198,6 +196,8 @@ def test_egress_policy_drops_outbound_but_not_loopback_or_peers(cluster: Cluster
                     "netns",
                     "exec",
                     box,
+                    "chroot",
+                    str(head),
                     "nft",
                     "list",
                     "counter",

@@ -36,6 +36,7 @@ from test_security_server import MODEL, PROBE, published_home
 
 from appliance.config import OFFLINE_ENV
 from appliance.engines.tiny_llm import build_tiny_llm
+from tests.helpers.system_tools import ensure_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -90,12 +91,7 @@ def outbound(logs: list[Path]) -> list[str]:
 @pytest.fixture(scope="session")
 def strace() -> str:
     """strace, installed with apt-get when missing and the tests run as root."""
-    found = shutil.which("strace")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "strace"], capture_output=True, timeout=600)
-        found = shutil.which("strace")
-    if found is None:
-        pytest.skip("strace is not installed, and installing it needs root and apt-get")
+    found = ensure_tool("strace")
     probe = subprocess.run([found, "-f", "-qq", "-e", "trace=connect", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"strace cannot trace here (ptrace refused?): {probe.stderr.decode().strip()}")

@@ -1,0 +1,1 @@
+"""Modules the tests share; conftest files hold only fixtures."""
