@@ -6,6 +6,7 @@ Layout under ``$APPLIANCE_HOME``::
     models/<name>/<version>/manifest.sig    ed25519 signature over manifest.json
     models/<name>/<version>/head.npz        the classification head (weight [C, D], bias [C])
     models/<name>/<version>/MODEL_CARD.md
+    models/<name>/SERVING                   the version a bare <name> serves (AdminService.LoadModel)
     encoders/<encoder_id>/encoder.json      shared encoders, stored once, named by content hash
     encoders/<encoder_id>/model.onnx, tokenizer.json, ...
 
@@ -16,6 +17,7 @@ interrupted publish leaves no half model. Loading re-hashes every file and check
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -29,17 +31,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from appliance import config
+from appliance.artifact.manifest import SpecialistManifest
 from appliance.errors import IntegrityError, InvalidArgument, NotFound
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 ENCODER_MANIFEST = "encoder.json"
 MANIFEST_FORMAT = 1
+# models/<name>/SERVING: the version a bare NAME is served at, as an admin last chose it.
+SERVING = "SERVING"
 # Lower-case names that are safe as one path component on every platform.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-# ASCII digits only: str.isdigit() also accepts '²' or '١', which int() rejects or misreads.
-VERSION_RE = re.compile(r"[0-9]+")
+# ASCII digits only: str.isdigit() also accepts '²' or '١', which int() rejects or misreads; and
+# few of them, so that int() never meets a 5,000-digit string (it refuses over 4,300).
+MAX_VERSION_DIGITS = 9
+VERSION_RE = re.compile(rf"[0-9]{{1,{MAX_VERSION_DIGITS}}}")
 _STAGING_PREFIX = ".staging-"
 
 
@@ -58,9 +67,19 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
+    return name, parse_version(version, where=ref)
+
+
+def parse_version(version: str, where: str = "") -> int:
+    """A version as callers write it: a positive integer of at most 9 ASCII digits."""
     if not VERSION_RE.fullmatch(version) or int(version) < 1:
-        raise InvalidArgument(f"invalid model version in {ref!r}: expected a positive integer")
-    return name, int(version)
+        shown = where or version
+        shown = shown if len(shown) <= 80 else f"{shown[:80]}... ({len(shown)} characters)"
+        raise InvalidArgument(
+            f"invalid model version in {shown!r}: expected a positive integer of at most "
+            f"{MAX_VERSION_DIGITS} digits"
+        )
+    return int(version)
 
 
 def sha256_file(path: Path) -> str:
@@ -103,7 +122,11 @@ def _check_files(folder: Path, expected: Mapping[str, str], exclude: tuple[str, 
 
 @dataclass(frozen=True)
 class Manifest:
-    """A verified manifest and the folder it describes."""
+    """A verified manifest and the folder it describes.
+
+    ``data`` is the JSON object exactly as signed; the store itself needs only its name, version
+    and file hashes. ``spec`` is the same object read as a specialist's manifest.
+    """
 
     folder: Path
     data: dict[str, Any]
@@ -116,13 +139,17 @@ class Manifest:
     def version(self) -> int:
         return int(self.data["version"])
 
-    @property
-    def labels(self) -> list[str]:
-        return list(self.data["labels"])
+    @functools.cached_property
+    def spec(self) -> SpecialistManifest:
+        """The typed specialist manifest; IntegrityError when the JSON is not one."""
+        try:
+            return SpecialistManifest.model_validate(self.data)
+        except ValidationError as exc:
+            raise IntegrityError(f"{self.folder / MANIFEST}: not a specialist manifest: {exc}") from exc
 
     @property
     def encoder_id(self) -> str:
-        return str(self.data["encoder"]["id"])
+        return self.spec.encoder.id
 
 
 class ModelStore:
@@ -160,6 +187,35 @@ class ModelStore:
 
     def path(self, name: str, version: int) -> Path:
         return self.models_root / validate_name(name) / str(version)
+
+    # ------------------------------------------------------------------ the serving choice
+    def serving_version(self, name: str) -> int | None:
+        """The version an admin last chose to serve for a bare ``name``; None if never chosen
+        (or the record is unreadable: then the newest version serves, as with no record)."""
+        path = self.models_root / validate_name(name) / SERVING
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return int(text) if VERSION_RE.fullmatch(text) and int(text) >= 1 else None
+
+    def set_serving_version(self, name: str, version: int) -> None:
+        """Record the serving choice durably: a temporary file, fsynced, renamed over the old one."""
+        folder = self.models_root / validate_name(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = folder / f"{_STAGING_PREFIX}{SERVING}-{secrets.token_hex(4)}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, f"{version}\n".encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(temp, folder / SERVING)
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
 
     # ------------------------------------------------------------------ loading
     def load(self, ref: str, *, verify: bool = True) -> Manifest:
@@ -256,6 +312,8 @@ class ModelStore:
             doomed = self.path(name, v).with_name(f"{_STAGING_PREFIX}rm-{v}-{secrets.token_hex(4)}")
             os.rename(self.path(name, v), doomed)
             shutil.rmtree(doomed)
+        if self.serving_version(name) in targets:  # a choice of a version that is gone means nothing
+            (self.models_root / name / SERVING).unlink(missing_ok=True)
         # rmdir, not rmtree: a concurrent publish may be staging a new version in this folder.
         with contextlib.suppress(OSError):
             (self.models_root / name).rmdir()
@@ -306,6 +364,10 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -10,6 +10,10 @@ Serve places and supervises that process (see ``appliance.serve.app``).
 - ``load_model`` verifies, opens and warms a version off the event loop, then swaps it in with
   one assignment; requests already running finish on the version they started with. A version
   that fails to load leaves the old one serving.
+- Only ``load_model`` (AdminService.LoadModel) chooses the version a bare ``NAME`` gets; the
+  choice is recorded in the store, so a restart serves it again (or, if it no longer verifies,
+  the newest version that does). A request for ``NAME:VERSION`` is answered by that version
+  without changing what bare callers get.
 - Up to ``max_loaded_models`` specialists stay loaded; past that the least recently used one is
   unloaded (multiplexing many specialists on one replica). A published model that is not loaded
   is loaded on first use when ``load_on_demand`` is set.
@@ -23,15 +27,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from appliance.engines.encoder import EncoderConfig, OnnxEncoder, cores, l2_normalize
+from appliance.artifact.manifest import SpecialistManifest
+from appliance.artifact.maths import l2_normalize
+from appliance.batching import BatchSettings
+from appliance.engines.encoder import EncoderConfig, OnnxEncoder, cores
 from appliance.engines.specialist import Specialist, load_specialist
-from appliance.errors import ApplianceError, InvalidArgument, NotFound, Unavailable
-from appliance.serve.batcher import Batcher, BatchPolicy, BatchStats, Item
+from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from appliance.router.interface import Router
+from appliance.serve.batcher import Batcher, BatchStats, Item
 from appliance.serve.metrics import ServingMetrics
 from appliance.store import ModelStore, parse_ref
 from appliance.types import (
@@ -43,6 +50,7 @@ from appliance.types import (
     ModelDescription,
     Policy,
     Route,
+    SpecialistAnswer,
 )
 
 log = logging.getLogger(__name__)
@@ -52,24 +60,13 @@ log = logging.getLogger(__name__)
 class RuntimeSettings:
     models: tuple[str, ...] = ()  # loaded and warmed before the server reports SERVING
     limits: Limits = field(default_factory=Limits)
-    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    batch: BatchSettings = field(default_factory=BatchSettings)
     # 0: one ORT thread per batch and one batch in flight per core. Short texts make small GEMMs,
     # where threads of one call spend more time meeting than computing (bench/PERF.md).
     intra_op_threads: int = 0
     max_loaded_models: int = 64
     load_on_demand: bool = True
     versions_kept: int = 2  # the serving version and the one before it, for rollback
-
-
-@dataclass(frozen=True)
-class SpecialistAnswer:
-    """The specialist's view of one text, before routing."""
-
-    top: list[tuple[str, float]]
-    probs: np.ndarray | None
-    truncated: bool
-    core_seconds: float
-    latency_ms: float
 
 
 @dataclass
@@ -91,10 +88,16 @@ class _Row:
 
 @dataclass(frozen=True)
 class _RowResult:
-    ids: np.ndarray
+    """A classify row's top-k from its head, or an embed row's L2-normalised pooled vector."""
+
+    ids: np.ndarray  # empty for an embed row
     scores: np.ndarray
     probs: np.ndarray | None
+    vector: np.ndarray | None  # only for an embed row
     core_seconds: float
+
+
+_NO_HEAD = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), None)
 
 
 def head_device() -> str:
@@ -151,7 +154,7 @@ class EncoderLane:
     """One shared encoder: its session, its batcher and the heads that use it."""
 
     def __init__(
-        self, encoder_id: str, encoder: OnnxEncoder, policy: BatchPolicy, metrics: ServingMetrics
+        self, encoder_id: str, encoder: OnnxEncoder, policy: BatchSettings, metrics: ServingMetrics
     ) -> None:
         self.encoder_id = encoder_id
         self.encoder = encoder
@@ -164,20 +167,23 @@ class EncoderLane:
         )
 
     def _run(self, items: Sequence[Item]) -> list[_RowResult]:
+        """One session call over the batch; classify rows (a ``_Row`` payload) go on through the
+        head bank, embed rows (payload ``None``) come back as normalised pooled vectors."""
         started = time.perf_counter()
         pooled = self.encoder.run_padded([item.tokens for item in items])
-        rows: list[_Row] = [item.payload for item in items]
-        ids, scores, full = self.heads.apply(pooled, rows)
+        headed = [i for i, item in enumerate(items) if item.payload is not None]
+        headless = [i for i, item in enumerate(items) if item.payload is None]
+        outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        if headed:
+            ids, scores, full = self.heads.apply(pooled[headed], [items[i].payload for i in headed])
+            for j, i in enumerate(headed):
+                outputs[i] = (ids[j], scores[j], None if full is None else full[j])
+        vectors = dict(zip(headless, l2_normalize(pooled[headless]), strict=True)) if headless else {}
         wall = time.perf_counter() - started
         total = sum(item.length for item in items)
         # Each text is charged its share of the batch's core time, by token count.
         return [
-            _RowResult(
-                ids[i],
-                scores[i],
-                None if full is None else full[i],
-                wall * self.threads * item.length / total,
-            )
+            _RowResult(*outputs.get(i, _NO_HEAD), vectors.get(i), wall * self.threads * item.length / total)
             for i, item in enumerate(items)
         ]
 
@@ -195,19 +201,22 @@ class ServingRuntime:
         settings: RuntimeSettings,
         store: ModelStore | None = None,
         metrics: ServingMetrics | None = None,
-        router: Any = None,
+        router: Router | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or ModelStore()
         self.metrics = metrics or ServingMetrics()
-        self.router = router  # appliance.router.cascade.Cascade, or None for specialist-only
-        self._serving: dict[str, Loaded] = {}  # name -> the version answering "NAME"
+        self.router = router  # None: specialist-only
+        # name -> the version answering a bare "NAME": only LoadModel (an admin) or the durable
+        # choice read at start sets it; a pinned "NAME:VERSION" request never does.
+        self._serving: dict[str, int] = {}
         self._versions: OrderedDict[tuple[str, int], Loaded] = OrderedDict()  # LRU order
         self._lanes: dict[str, EncoderLane] = {}
         self._load_lock = asyncio.Lock()
         self._io_lock = threading.Lock()
         self.started = False
         self.draining = False
+        self.start_errors: dict[str, str] = {}  # configured ref -> why it did not load at start
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -216,9 +225,16 @@ class ServingRuntime:
         self.started = True
         for ref in self.settings.models:
             try:
-                await self.load_model(ref)
+                name, version = parse_ref(ref)
+                async with self._load_lock:
+                    # a configured NAME:VERSION is the operator's choice; a bare NAME the recorded one
+                    loading = self._bring_in(name, version) if version else self._bring_in_serving(name)
+                    loaded = await loading
+                    self._serving[name] = loaded.specialist.version
+                    log.info("serving %s:%s", name, loaded.specialist.version)
             except ApplianceError as exc:
                 log.error("could not load %s at start: %s", ref, exc.message)
+                self.start_errors[ref] = exc.message
 
     async def close(self) -> None:
         self.draining = True
@@ -227,11 +243,31 @@ class ServingRuntime:
         if self.router is not None:
             await self.router.close()
 
+    def waiting(self) -> dict[str, str]:
+        """What each configured model that is not serving yet waits for; empty once all serve."""
+        reasons: dict[str, str] = {}
+        for ref in self.settings.models:
+            if self.is_ready(ref):
+                continue
+            try:
+                name, version = parse_ref(ref)
+                published = self.store.versions(name)
+            except ApplianceError as exc:
+                reasons[ref] = exc.message
+                continue
+            if not published or (version is not None and version not in published):
+                reasons[ref] = f"not published in {self.store.models_root} (train it or import a bundle)"
+            elif ref in self.start_errors:
+                reasons[ref] = f"did not load at start ({self.start_errors[ref]}); load it with LoadModel"
+            else:
+                reasons[ref] = "loading"
+        return reasons
+
     def is_ready(self, model: str | None = None) -> bool:
         if not self.started or self.draining:
             return False
         if model is None:
-            return all(parse_ref(ref)[0] in self._serving for ref in self.settings.models)
+            return all(self._lookup(parse_ref(ref)[0], None) is not None for ref in self.settings.models)
         try:
             name, version = parse_ref(model)
         except ApplianceError:
@@ -240,18 +276,15 @@ class ServingRuntime:
         return loaded is not None
 
     # ------------------------------------------------------------------ model management
-    def _batch_policy(self) -> BatchPolicy:
+    def _batch_policy(self) -> BatchSettings:
         policy = self.settings.batch
         if self.settings.intra_op_threads == 0:
-            return replace(policy, concurrent_batches=max(policy.concurrent_batches, cores()))
+            return policy.model_copy(update={"concurrent_batches": max(policy.concurrent_batches, cores())})
         return policy
 
     def _open(self, ref: str) -> Specialist:
-        config = EncoderConfig(
-            max_batch_texts=self.settings.batch.max_batch_texts,
-            max_batch_tokens=self.settings.batch.max_batch_tokens,
-            intra_op_threads=self.settings.intra_op_threads or 1,
-        )
+        threads = self.settings.intra_op_threads or 1
+        config = EncoderConfig(batch=self.settings.batch, intra_op_threads=threads)
         specialist = load_specialist(ref, self.store, config)
         lane = self._lanes.get(specialist.manifest.encoder_id)
         if lane is not None:  # share the open session instead of a second copy
@@ -261,18 +294,55 @@ class ServingRuntime:
         return specialist
 
     async def load_model(self, model: str) -> tuple[ModelDescription, int]:
-        name, _ = parse_ref(model)
+        """AdminService.LoadModel: make ``model`` (a bare name: its newest version) the version bare
+        callers get, here and, through the store's record, after a restart."""
+        name, version = self.store.resolve(model)
         async with self._load_lock:
-            previous = self._serving.get(name)
-            specialist = await asyncio.to_thread(self._open, model)  # raises: the old one keeps serving
-            if self.router is not None:
-                await self.router.check_model(specialist)
-            loaded = Loaded(specialist)
-            self._install(loaded)
-            # one text through the shared batcher and head bank, so the first caller pays nothing
-            await self._specialist_answers(loaded, ["warm up"], 1, True, None)
-            log.info("serving %s:%s", name, specialist.version)
-            return self._describe(loaded), (previous.specialist.version if previous else 0)
+            previous = self._serving.get(name, 0)
+            loaded = await self._bring_in(name, version)  # raises: the old one keeps serving
+            try:
+                await asyncio.to_thread(self.store.set_serving_version, name, version)
+            except OSError as exc:
+                raise FailedPrecondition(
+                    f"could not record {name}:{version} as the serving version: {exc}"
+                ) from exc
+            self._serving[name] = version
+            log.info("serving %s:%s (was %s)", name, version, previous or "none")
+            return self._describe(loaded), previous
+
+    async def _bring_in(self, name: str, version: int) -> Loaded:
+        """Verify, open and warm one version and add it to the loaded ones; what a bare name gets
+        is left as it was."""
+        specialist = await asyncio.to_thread(self._open, f"{name}:{version}")
+        if self.router is not None:
+            await self.router.check_model(specialist)
+        loaded = Loaded(specialist)
+        self._install(loaded)
+        # one text through the shared batcher and head bank, so the first caller pays nothing
+        await self._specialist_answers(loaded, ["warm up"], 1, True, None)
+        return loaded
+
+    async def _bring_in_serving(self, name: str) -> Loaded:
+        """Bring in the version a bare ``name`` gets: the chosen one (this process's, else the
+        store's record, else the newest). One that fails to load gives way to the newest other
+        version that loads, so a tampered upgrade leaves the previous good version serving."""
+        published = self.store.versions(name)
+        if not published:
+            raise NotFound(f"model {name!r} is not published on this appliance")
+        chosen = self._serving.get(name) or self.store.serving_version(name)
+        wanted = chosen if chosen in published else published[-1]
+        errors: list[ApplianceError] = []
+        for version in [wanted, *(v for v in reversed(published) if v != wanted)]:
+            try:
+                loaded = await self._bring_in(name, version)
+            except ApplianceError as exc:
+                log.error("%s:%s cannot serve: %s", name, version, exc.message)
+                errors.append(exc)
+                continue
+            if version != wanted:
+                log.warning("serving %s:%s instead of %s:%s, which failed", name, version, name, wanted)
+            return loaded
+        raise errors[0]
 
     def _install(self, loaded: Loaded) -> None:
         spec = loaded.specialist
@@ -282,28 +352,25 @@ class ServingRuntime:
             lane.batcher.start()
             self._lanes[encoder_id] = lane
         self._versions[loaded.key] = loaded
-        self._serving[spec.name] = loaded
         self.metrics.model_version.labels(spec.name, str(spec.version)).set(1)
-        # keep the newest `versions_kept` versions of this name, and at most max_loaded_models
-        mine = sorted(v for (n, v) in self._versions if n == spec.name)
-        for v in mine[: -self.settings.versions_kept]:
-            self._drop((spec.name, v))
-        while len(self._versions) > self.settings.max_loaded_models:
-            oldest = next(k for k in self._versions if k != loaded.key)
-            self._drop(oldest)
+        # Never evict the version just installed nor the serving one of its name: the caller is
+        # about to use the first, bare callers the second. Past `versions_kept` versions of this
+        # name, and past max_loaded_models in all, the least recently used others go.
+        keep = {loaded.key, (spec.name, self._serving.get(spec.name, 0))}
+        room = max(self.settings.versions_kept - len(keep & self._versions.keys()), 0)
+        others = [k for k in self._versions if k[0] == spec.name and k not in keep]
+        for key in others[: max(len(others) - room, 0)]:
+            self._drop(key)
+        evictable = [k for k in self._versions if k not in keep]
+        for key in evictable[: max(len(self._versions) - self.settings.max_loaded_models, 0)]:
+            self._drop(key)
         self._rebuild_heads()
 
     def _drop(self, key: tuple[str, int]) -> None:
-        gone = self._versions.pop(key, None)
-        if gone is None:
-            return
-        self.metrics.model_version.labels(key[0], str(key[1])).set(0)
-        if self._serving.get(key[0]) is gone:
-            rest = sorted(v for (n, v) in self._versions if n == key[0])
-            if rest:
-                self._serving[key[0]] = self._versions[(key[0], rest[-1])]
-            else:
-                del self._serving[key[0]]
+        """Unload one version. What a bare name gets stays chosen: a dropped serving version is
+        loaded again on demand."""
+        if self._versions.pop(key, None) is not None:
+            self.metrics.model_version.labels(key[0], str(key[1])).set(0)
 
     def _rebuild_heads(self) -> None:
         for encoder_id, lane in list(self._lanes.items()):
@@ -323,23 +390,34 @@ class ServingRuntime:
 
     def _lookup(self, name: str, version: int | None) -> Loaded | None:
         """The loaded version asked for: the serving one for a bare name."""
-        return self._serving.get(name) if version is None else self._versions.get((name, version))
+        if version is None:
+            version = self._serving.get(name)
+        return None if version is None else self._versions.get((name, version))
 
     async def _resolve(self, model: str) -> Loaded:
         name, version = parse_ref(model)
-        loaded = self._lookup(name, version)
-        if loaded is None:
-            published = self.store.versions(name)
-            if not published or (version is not None and version not in published):
-                what = f"version {version} of {name!r}" if version else f"model {name!r}"
-                raise NotFound(f"{what} is not published on this appliance")
-            if not self.settings.load_on_demand:
-                raise NotFound(f"model {model!r} is published but not loaded (use LoadModel)")
-            await self.load_model(model)
-            loaded = self._lookup(name, version)
-            assert loaded is not None  # load_model just installed it
-        self._versions.move_to_end(loaded.key)
+        loaded = self._lookup(name, version) or await self._load_on_demand(name, version)
+        self._versions.move_to_end(loaded.key)  # no await since it was found or installed
         return loaded
+
+    async def _load_on_demand(self, name: str, version: int | None) -> Loaded:
+        """Load a published version a request asks for, without changing what a bare name gets."""
+        published = self.store.versions(name)
+        if not published or (version is not None and version not in published):
+            what = f"version {version} of {name!r}" if version else f"model {name!r}"
+            raise NotFound(f"{what} is not published on this appliance")
+        if not self.settings.load_on_demand:
+            ref = name if version is None else f"{name}:{version}"
+            raise NotFound(f"model {ref!r} is published but not loaded (use LoadModel)")
+        async with self._load_lock:
+            loaded = self._lookup(name, version)  # another caller may have loaded it while we waited
+            if loaded is not None:
+                return loaded
+            if version is not None:
+                return await self._bring_in(name, version)
+            loaded = await self._bring_in_serving(name)
+            self._serving[name] = loaded.specialist.version
+            return loaded
 
     # ------------------------------------------------------------------ descriptions
     def _limits(self, spec: Specialist) -> Limits:
@@ -348,29 +426,29 @@ class ServingRuntime:
 
     def _describe(self, loaded: Loaded) -> ModelDescription:
         spec = loaded.specialist
-        return self._description(spec.meta, spec.version, self._limits(spec), loaded=True)
+        return self._description(spec.spec, spec.version, self._limits(spec), loaded=True)
 
     def _description(
-        self, meta: dict[str, Any], version: int, limits: Limits, loaded: bool
+        self, manifest: SpecialistManifest, version: int, limits: Limits, loaded: bool
     ) -> ModelDescription:
         """A model as its manifest describes it; ``version`` 0 for one that is not loaded."""
-        calibration = meta.get("calibration", {})
+        calibration = manifest.calibration
         return ModelDescription(
-            name=str(meta["name"]),
+            name=manifest.name,
             version=version,
-            kind=str(meta.get("kind", "classifier")),
-            labels=list(meta.get("labels", [])),
-            metrics={k: float(v) for k, v in meta.get("metrics", {}).items() if isinstance(v, int | float)},
-            threshold=float(calibration.get("threshold", 0.0)),
-            coverage_at_threshold=float(calibration.get("coverage", 0.0)),
-            precision_at_threshold=float(calibration.get("precision", 0.0)),
-            precision=str(meta.get("precision", "")),
+            kind=manifest.kind,
+            labels=list(manifest.labels),
+            metrics={k: float(v) for k, v in manifest.metrics.items()},
+            threshold=calibration.threshold,
+            coverage_at_threshold=calibration.coverage,
+            precision_at_threshold=calibration.precision,
+            precision=manifest.precision,
             limits=limits,
-            default_policy=Policy(meta.get("default_policy", "cascade")),
-            encoder_id=str(meta.get("encoder", {}).get("id", "")),
-            created_at=str(meta.get("created_at", "")),
+            default_policy=Policy(manifest.default_policy),
+            encoder_id=manifest.encoder.id,
+            created_at=manifest.created_at,
             loaded=loaded,
-            available_versions=self.store.versions(str(meta["name"])),
+            available_versions=self.store.versions(manifest.name),
         )
 
     def describe(self, model: str) -> ModelDescription:
@@ -383,13 +461,14 @@ class ServingRuntime:
         return self._describe(loaded)
 
     def list_models(self) -> list[ModelDescription]:
-        out = [self._describe(m) for m in sorted(self._serving.values(), key=lambda m: m.key)]
+        serving = (self._lookup(name, None) for name in sorted(self._serving))
+        out = [self._describe(m) for m in serving if m is not None]
         loaded = {d.name for d in out}
         for name in self.store.names():
             versions = self.store.versions(name)
             if name not in loaded and versions:
-                meta = self.store.load(f"{name}:{versions[-1]}", verify=False).data
-                out.append(self._description(meta, 0, self.settings.limits, loaded=False))
+                manifest = self.store.load(f"{name}:{versions[-1]}", verify=False).spec
+                out.append(self._description(manifest, 0, self.settings.limits, loaded=False))
         return out
 
     # ------------------------------------------------------------------ inference
@@ -406,22 +485,29 @@ class ServingRuntime:
             if not text.strip():
                 raise InvalidArgument(f"text {i} is empty: every text needs at least one non-space character")
 
-    async def _specialist_answers(
-        self, loaded: Loaded, texts: Sequence[str], k: int, want_probs: bool, timeout: float | None
-    ) -> list[SpecialistAnswer]:
+    async def _batched(
+        self, spec: Specialist, texts: Sequence[str], row: _Row | None, timeout: float | None
+    ) -> tuple[list[_RowResult], list[bool]]:
+        """The texts through their encoder's batcher, each with ``row`` (``None``: no head), and
+        their truncation flags."""
         if self.draining:
             raise Unavailable("the server is shutting down")
-        started = time.perf_counter()
-        spec = loaded.specialist
         lane = self._lanes[spec.manifest.encoder_id]
         tokenized = spec.encoder.tokenize(texts)
         deadline = None if timeout is None else time.monotonic() + timeout
-        row = _Row(loaded, k, want_probs)
         results = await lane.batcher.submit([(ids, row) for ids in tokenized.ids], deadline)
+        return results, tokenized.truncated
+
+    async def _specialist_answers(
+        self, loaded: Loaded, texts: Sequence[str], k: int, want_probs: bool, timeout: float | None
+    ) -> list[SpecialistAnswer]:
+        started = time.perf_counter()
+        spec = loaded.specialist
+        results, truncation = await self._batched(spec, texts, _Row(loaded, k, want_probs), timeout)
         latency_ms = 1000.0 * (time.perf_counter() - started)
         labels = spec.labels
         answers = []
-        for result, truncated in zip(results, tokenized.truncated, strict=True):
+        for result, truncated in zip(results, truncation, strict=True):
             top = [
                 (labels[int(i)], float(s))
                 for i, s in zip(result.ids[:k], result.scores[:k], strict=True)
@@ -457,12 +543,10 @@ class ServingRuntime:
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedOutcome:
         self._check_texts(texts)
-        loaded = await self._resolve(model)
-        spec = loaded.specialist
-        # Embeddings skip the head bank: one session call on the caller's texts, off the loop.
-        vectors, truncated = await asyncio.wait_for(
-            asyncio.to_thread(spec.encoder.embed, list(texts)), timeout
-        )
+        spec = (await self._resolve(model)).specialist
+        # Rows without a head: the same batcher, token budget, deadlines and queue bound as Classify.
+        results, truncated = await self._batched(spec, texts, None, timeout)
+        vectors = np.stack([r.vector for r in results if r.vector is not None])
         return EmbedOutcome(spec.name, spec.version, vectors, truncated)
 
 
