@@ -1,10 +1,14 @@
 """Errors that cross the API boundary, each bound to its precise gRPC status.
 
-Code below the API raises these; the gRPC layer turns them into ``context.abort(code, message)``
-so that every client sees the same status for the same mistake, whichever API it speaks.
+Code below the API raises these; :func:`status_of` turns them (and timeouts, cancellations and
+bugs) into the status that :mod:`appliance.api.boundary` aborts with, so that every client sees
+the same status for the same mistake, whichever API it speaks.
 """
 
 from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
 
 import grpc
 
@@ -55,3 +59,32 @@ class IntegrityError(ApplianceError):
     """A stored artifact does not match its manifest or signature."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the caller is told: a gRPC status code and its details."""
+
+    code: grpc.StatusCode
+    details: str
+
+    @property
+    def expected(self) -> bool:
+        """False for a fault of the server (INTERNAL), which deserves a log line with its traceback."""
+        return self.code != grpc.StatusCode.INTERNAL
+
+
+def status_of(exc: BaseException) -> Status:
+    """The one mapping from an exception to the status the caller sees.
+
+    ApplianceError subclasses carry their own code; a timeout is DEADLINE_EXCEEDED, a cancelled
+    call CANCELLED; anything else is a bug of the server: INTERNAL, never grpc's UNKNOWN, and
+    without the exception's text, which may hold internals.
+    """
+    if isinstance(exc, ApplianceError):
+        return Status(exc.code, exc.message)
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError since Python 3.11
+        return Status(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while the request was served")
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return Status(grpc.StatusCode.CANCELLED, "the call was cancelled")
+    return Status(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log")

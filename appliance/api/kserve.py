@@ -29,7 +29,10 @@ from google.protobuf.descriptor import FileDescriptor
 from appliance._proto.inference import grpc_service_pb2 as pb
 from appliance._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from appliance.api.backend import Backend
+from appliance.api.boundary import Boundary
 from appliance.errors import ApplianceError, InvalidArgument, NotFound
+from appliance.serve.metrics import ServingMetrics
+from appliance.store import parse_version
 from appliance.types import ClassifyOutcome, ModelDescription
 
 INPUT_TEXT = "TEXT"
@@ -94,11 +97,12 @@ class _ParsedInfer:
 def _model_ref(name: str, version: str) -> str:
     if not name:
         raise InvalidArgument("model name is empty")
-    if not version:
-        return name
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidArgument(f"model version must be empty or a positive integer, got {version!r}")
-    return f"{name}:{int(version)}"
+    return f"{name}:{_version(version)}" if version else name
+
+
+def _version(version: str) -> int:
+    """A request's ``model_version``, which must be set for this to be called."""
+    return parse_version(version, where=f"model_version {version}")
 
 
 def _text_elements(request: pb.ModelInferRequest) -> list[bytes]:
@@ -253,59 +257,69 @@ def reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a Backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
         self._backend = backend
         self._version = _server_version()
+        self._boundary = Boundary("GRPCInferenceService", metrics)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)  # answering at all is the proof
+        async def run() -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)  # answering at all is the proof
+
+        return await self._boundary.unary(context, "ServerLive", run)
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._backend.is_ready(None))
+        async def run() -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self._backend.is_ready(None))
+
+        return await self._boundary.unary(context, "ServerReady", run)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        # Triton's convention: an unknown model is simply not ready, not an error.
-        try:
+        async def run() -> pb.ModelReadyResponse:
             _model_ref(request.name, request.version)
-            description = self._backend.describe(request.name)
-        except NotFound:
-            return pb.ModelReadyResponse(ready=False)
-        except ApplianceError as err:
-            await context.abort(err.code, err.message)
-        version_ok = not request.version or int(request.version) == description.version
-        return pb.ModelReadyResponse(ready=version_ok and self._backend.is_ready(request.name))
+            # Triton's convention: an unknown model is simply not ready, not an error.
+            try:
+                description = self._backend.describe(request.name)
+            except NotFound:
+                return pb.ModelReadyResponse(ready=False)
+            version_ok = not request.version or _version(request.version) == description.version
+            return pb.ModelReadyResponse(ready=version_ok and self._backend.is_ready(request.name))
+
+        return await self._boundary.unary(context, "ModelReady", run, request.name)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+        async def run() -> pb.ServerMetadataResponse:
+            return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+
+        return await self._boundary.unary(context, "ServerMetadata", run)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
+        async def run() -> pb.ModelMetadataResponse:
             _model_ref(request.name, request.version)
             description = self._backend.describe(request.name)
-            if request.version and int(request.version) not in {
+            if request.version and _version(request.version) not in {
                 description.version,
                 *description.available_versions,
             }:
                 raise NotFound(f"model {request.name!r} has no version {request.version}")
             return model_metadata(description)
-        except ApplianceError as err:
-            await context.abort(err.code, err.message)
-            raise  # abort raises; this only tells type checkers so
+
+        return await self._boundary.unary(context, "ModelMetadata", run, request.name)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        try:
+        async def run() -> pb.ModelInferResponse:
             _model_ref(request.model_name, request.model_version)
             try:
                 parsed = parse_infer_request(request)
@@ -321,6 +335,5 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 timeout=context.time_remaining(),
             )
             return build_infer_response(request, parsed, outcome)
-        except ApplianceError as err:
-            await context.abort(err.code, err.message)
-            raise  # abort raises; this only tells type checkers so
+
+        return await self._boundary.unary(context, "ModelInfer", run, request.model_name)

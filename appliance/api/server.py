@@ -129,7 +129,9 @@ class ApplianceServer:
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.backend, self.metrics), server)
         pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.backend, self.metrics), server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.backend, self.metrics), server)
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(self.backend), server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.backend, self.metrics), server
+        )
         if self.generalist is not None:
             pb_grpc.add_GenerationServiceServicer_to_server(
                 GenerationServicer(self.generalist, self.metrics), server

@@ -2,26 +2,25 @@
 
 Each handler validates nothing itself beyond protobuf shapes; limits, model resolution and
 routing live in the backend so that both APIs (this one and KServe v2) behave the same.
-Errors raised below surface as their own gRPC status through :func:`guard`.
+Every method runs through its service's :class:`~appliance.api.boundary.Boundary`, which turns
+errors raised below into their gRPC status and counts the call.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from appliance._proto.appliance.v1 import appliance_pb2 as pb
 from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
 from appliance.api.backend import Backend
-from appliance.errors import ApplianceError, DeadlineExceeded, Unavailable
+from appliance.api.boundary import Boundary
+from appliance.errors import DeadlineExceeded, Unavailable
 from appliance.serve.metrics import ServingMetrics
 from appliance.types import Cost, Decision, ModelDescription, Policy, Route
-
-T = TypeVar("T")
 
 _POLICY_FROM_PB = {
     pb.POLICY_SPECIALIST_ONLY: Policy.SPECIALIST_ONLY,
@@ -32,31 +31,6 @@ _POLICY_TO_PB = {v: k for k, v in _POLICY_FROM_PB.items()}
 _ROUTE_TO_PB = {Route.SPECIALIST: pb.ROUTE_SPECIALIST, Route.GENERALIST: pb.ROUTE_GENERALIST}
 _PRECISION_TO_PB = {"fp32": pb.PRECISION_FP32, "int8": pb.PRECISION_INT8, "fp16": pb.PRECISION_FP16}
 _KIND_TO_PB = {"classifier": pb.MODEL_KIND_CLASSIFIER, "span_extractor": pb.MODEL_KIND_SPAN_EXTRACTOR}
-
-
-async def guard(
-    context: grpc.aio.ServicerContext,
-    metrics: ServingMetrics | None,
-    method: str,
-    model: str,
-    call: Callable[[], Awaitable[T]],
-) -> T:
-    """Run ``call``; map ApplianceError (and timeouts) to their gRPC status; count and time it."""
-    started = time.perf_counter()
-    code = grpc.StatusCode.OK
-    try:
-        return await call()
-    except ApplianceError as exc:
-        code = exc.code
-        await context.abort(exc.code, exc.message)
-    except TimeoutError:
-        code = grpc.StatusCode.DEADLINE_EXCEEDED
-        await context.abort(code, "deadline exceeded while the request was being served")
-    finally:
-        if metrics is not None:
-            metrics.requests.labels(method, model, code.name).inc()
-            metrics.latency.labels(method, model).observe(time.perf_counter() - started)
-    raise AssertionError("unreachable: context.abort raises")
 
 
 def remaining(context: grpc.aio.ServicerContext) -> float | None:
@@ -123,6 +97,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.boundary = Boundary("InferenceService", metrics)
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -149,7 +124,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 request_id=rid,
             )
 
-        return await guard(context, self.metrics, "Classify", request.model, run)
+        return await self.boundary.unary(context, "Classify", run, request.model)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         rid = request_id(request.request_id)
@@ -167,13 +142,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 request_id=rid,
             )
 
-        return await guard(context, self.metrics, "Embed", request.model, run)
+        return await self.boundary.unary(context, "Embed", run, request.model)
 
 
 class ModelServicer(pb_grpc.ModelServiceServicer):
     def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.boundary = Boundary("ModelService", metrics)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -193,19 +169,20 @@ class ModelServicer(pb_grpc.ModelServiceServicer):
                 ]
             )
 
-        return await guard(context, self.metrics, "ListModels", "", run)
+        return await self.boundary.unary(context, "ListModels", run)
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async def run() -> pb.ModelInfo:
             return model_info_pb(self.backend.describe(request.model))
 
-        return await guard(context, self.metrics, "GetModel", request.model, run)
+        return await self.boundary.unary(context, "GetModel", run, request.model)
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
     def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.boundary = Boundary("AdminService", metrics)
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
@@ -214,7 +191,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             description, previous = await self.backend.load_model(request.model)
             return pb.LoadModelResponse(model=model_info_pb(description), previous_version=previous)
 
-        return await guard(context, self.metrics, "LoadModel", request.model, run)
+        return await self.boundary.unary(context, "LoadModel", run, request.model)
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
@@ -222,7 +199,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         async def run() -> pb.UnloadModelResponse:
             return pb.UnloadModelResponse(unloaded_version=await self.backend.unload_model(request.model))
 
-        return await guard(context, self.metrics, "UnloadModel", request.model, run)
+        return await self.boundary.unary(context, "UnloadModel", run, request.model)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -231,14 +208,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, backend: Any, metrics: ServingMetrics | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.boundary = Boundary("GenerationService", metrics, default_label="generalist")
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         rid = request_id(request.request_id)
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
+
+        async def responses() -> AsyncIterator[pb.GenerateResponse]:
             if getattr(self.backend, "draining", False):
                 raise Unavailable("the server is shutting down")
             stream = self.backend.generate(
@@ -262,10 +239,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     request_id=rid,
                     prompt_truncated=bool(getattr(chunk, "prompt_truncated", False)),
                 )
-        except ApplianceError as exc:
-            code = exc.code
-            await context.abort(exc.code, exc.message)
-        finally:
-            if self.metrics is not None:
-                self.metrics.requests.labels("Generate", "generalist", code.name).inc()
-                self.metrics.latency.labels("Generate", "generalist").observe(time.perf_counter() - started)
+
+        # an async generator itself: grpc runs any other kind of stream handler in a thread pool
+        async for response in self.boundary.stream(context, "Generate", responses):
+            yield response

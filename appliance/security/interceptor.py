@@ -29,7 +29,6 @@ size limit, where the caller would see RESOURCE_EXHAUSTED instead of the real er
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import inspect
 import ipaddress
@@ -42,7 +41,8 @@ from typing import Any
 
 import grpc
 
-from appliance.errors import ApplianceError
+from appliance.api.boundary import context_code
+from appliance.errors import ApplianceError, Status, status_of
 from appliance.security.audit import AuditError, AuditLog
 from appliance.security.tokens import Principal, TokenStore
 
@@ -399,19 +399,20 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
     async def _fail(self, call: _Call, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         """Settle the call's final status. Denials and ApplianceErrors become precise aborts
         (``abort`` raises; the wrapper's ``finally`` writes the record)."""
-        if isinstance(exc, _Denied | ApplianceError):
-            call.code = exc.code
-            call.details = clip(exc.details if isinstance(exc, _Denied) else exc.message, MAX_DETAILS_CHARS)
-            await self._record(call, context)  # before abort, which sends the status at once
-            await context.abort(call.code, call.details)
-        elif isinstance(exc, grpc.aio.AbortError):
+        if isinstance(exc, grpc.aio.AbortError):
             if not call.recorded:
-                call.code = _context_code(context) or grpc.StatusCode.UNKNOWN
+                call.code = context_code(context) or grpc.StatusCode.UNKNOWN
                 call.details = _context_details(context)
-        elif isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the client went away
-            call.code = grpc.StatusCode.CANCELLED
-        else:
-            call.code, call.details = grpc.StatusCode.UNKNOWN, f"unexpected {type(exc).__name__}"
+            return
+        # the servicers' Boundary maps their errors; this covers denials and methods without one
+        status = Status(exc.code, exc.details) if isinstance(exc, _Denied) else status_of(exc)
+        call.code, call.details = status.code, clip(status.details, MAX_DETAILS_CHARS)
+        if status.code == grpc.StatusCode.CANCELLED:  # the client went away: nothing to send
+            return
+        if not status.expected:
+            log.error("%s failed", call.method, exc_info=exc)
+        await self._record(call, context)  # before abort, which sends the status at once
+        await context.abort(call.code, call.details)
 
     async def _record(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
         """Write the call's one record; later calls for the same call do nothing."""
@@ -419,7 +420,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             return
         call.recorded = True
         if call.code == grpc.StatusCode.OK:
-            code = _context_code(context)
+            code = context_code(context)
             if code is not None:  # the handler set a status without raising
                 call.code, call.details = code, _context_details(context)
         record: dict[str, Any] = {
@@ -471,18 +472,6 @@ def _peer_subject(context: grpc.aio.ServicerContext) -> str | None:
     if common_name:
         return "CN=" + bytes(next(iter(common_name))).decode(errors="replace")
     return None
-
-
-def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
-    try:
-        code = context.code()
-    except (AttributeError, NotImplementedError):
-        return None
-    if code is None or code == grpc.StatusCode.OK:
-        return None
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
 
 
 def _context_details(context: grpc.aio.ServicerContext) -> str:

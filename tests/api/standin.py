@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 
 from appliance.errors import InvalidArgument, NotFound
+from appliance.store import parse_ref
 from appliance.types import (
     ClassifyOutcome,
     Cost,
@@ -58,8 +59,8 @@ class KeywordBackend:
         self.calls: list[tuple[str, list[str], float | None]] = []  # (model, texts, timeout)
 
     def _check(self, model: str, texts: Sequence[str]) -> None:
-        name, _, version = model.partition(":")
-        if name != MODEL or (version and version != str(VERSION)):
+        name, version = parse_ref(model)  # the store's own rules for names and versions
+        if name != MODEL or (version is not None and version != VERSION):
             raise NotFound(f"model {model!r} is not loaded")
         if not texts:
             raise InvalidArgument("no texts given")
@@ -79,6 +80,8 @@ class KeywordBackend:
         policy: Policy | None = None,
         timeout: float | None = None,
         want_probs: bool = False,
+        allow_fallback: bool = False,
+        request_id: str = "",
     ) -> ClassifyOutcome:
         self._check(model, texts)
         self.calls.append((model, list(texts), timeout))

@@ -30,7 +30,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def store(tmp_path: Path) -> TokenStore:
-    return TokenStore(tmp_path / "tokens" / "tokens.json", iterations=1_000)
+    return TokenStore(tmp_path / "tokens" / "tokens.json")
 
 
 @pytest.fixture

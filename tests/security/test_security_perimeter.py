@@ -145,8 +145,8 @@ def test_denial_message_names_the_missing_scope(pki_dir, store, audit_dir):
 
 
 def test_revocation_applies_without_restart(pki_dir, tmp_path, audit_dir):
-    server_store = TokenStore(tmp_path / "tokens.json", iterations=1_000)
-    cli_store = TokenStore(tmp_path / "tokens.json", iterations=1_000)  # another process's view
+    server_store = TokenStore(tmp_path / "tokens.json")
+    cli_store = TokenStore(tmp_path / "tokens.json")  # another process's view
     token = cli_store.create("temp", ["models:read"])
 
     async def scenario():

@@ -147,8 +147,11 @@ def test_prometheus_metrics_count_requests_batches_and_versions(app: App) -> Non
     def value(prefix: str) -> float:
         return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
-    assert value(f'appliance_requests_total{{code="OK",method="Classify",model="{MODEL}"}}') >= 1
-    assert value('appliance_requests_total{code="NOT_FOUND",method="Classify",model="no-such-model"}') >= 1
+    classify = 'method="Classify",model="{}",service="InferenceService"'
+    assert value(f'appliance_requests_total{{code="OK",{classify.format(MODEL)}}}') >= 1
+    # a name that is not loaded gets no series of its own
+    assert value(f'appliance_requests_total{{code="NOT_FOUND",{classify.format("other")}}}') >= 1
+    assert "no-such-model" not in text
     assert value("appliance_batch_rows_count") >= 1
     assert value(f'appliance_model_version_loaded{{model="{MODEL}",version="{version}"}}') == 1
     assert value(f'appliance_decisions_total{{model="{MODEL}",route="specialist"}}') >= 2
