@@ -10,19 +10,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from appliance.batching import BatchSettings
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
     max_length: int = 128  # the model window used for serving; longer texts are truncated
-    max_batch_texts: int = 64
-    max_batch_tokens: int = 4096  # padded tokens per session call
+    batch: BatchSettings = field(default_factory=BatchSettings)  # embed() cuts its calls by these
     intra_op_threads: int = 0  # per session call; 0: all cores of this process
     # Session calls at once in embed(), each on its own thread; 0: cores // intra_op_threads.
     parallel_batches: int = 0
@@ -122,8 +123,8 @@ class OnnxEncoder:
         for i in order:
             width = lengths[i]  # the longest so far, since the order is ascending
             if current and (
-                len(current) + 1 > self.config.max_batch_texts
-                or (len(current) + 1) * width > self.config.max_batch_tokens
+                len(current) + 1 > self.config.batch.max_batch_texts
+                or (len(current) + 1) * width > self.config.batch.max_batch_tokens
             ):
                 batches.append(current)
                 current = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,13 +51,7 @@ class Specialist:
 
 def open_encoder(store: ModelStore, manifest: Manifest, config: EncoderConfig | None = None) -> OnnxEncoder:
     window = int(manifest.data["encoder"]["window"])
-    base = config or EncoderConfig()
-    cfg = EncoderConfig(
-        max_length=window,
-        max_batch_texts=base.max_batch_texts,
-        max_batch_tokens=base.max_batch_tokens,
-        intra_op_threads=base.intra_op_threads,
-    )
+    cfg = replace(config or EncoderConfig(), max_length=window)  # the window is the model's own
     return OnnxEncoder(store.encoder_folder(manifest.encoder_id), "model.onnx", cfg)
 
 

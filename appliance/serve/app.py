@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from appliance.batching import BatchSettings
 from appliance.config import OFFLINE_ENV, appliance_home, apply_offline_env
 from appliance.errors import ApplianceError, ResourceExhausted, Unavailable
 
@@ -37,17 +38,6 @@ class LimitsArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_texts_per_call: int = Field(256, ge=1, le=4096)
     max_text_bytes: int = Field(64 * 1024, ge=16, le=16 << 20)
-
-
-class BatchArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_batch_texts: int = Field(64, ge=1, le=1024)
-    max_batch_tokens: int = Field(4096, ge=64)
-    max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
-    max_queue_texts: int = Field(2048, ge=1)
-    # batches in flight at once, each on one ONNX Runtime thread; with intra_op_threads 0
-    # the runtime raises it to the number of cores
-    concurrent_batches: int = Field(1, ge=1, le=256)
 
 
 class GeneralistArgs(BaseModel):
@@ -77,7 +67,7 @@ class AppArgs(BaseModel):
     audit_texts: bool = False
     metrics_port: int | None = Field(9464, ge=0, le=65535)
     limits: LimitsArgs = LimitsArgs()
-    batch: BatchArgs = BatchArgs()
+    batch: BatchSettings = BatchSettings()
     intra_op_threads: int = Field(0, ge=0)
     max_loaded_models: int = Field(64, ge=1)
     ingress_cpus: float = Field(1.0, gt=0)
@@ -176,7 +166,6 @@ class Ingress:
     ) -> None:
         apply_offline_env()
         from appliance.api.server import ApplianceServer, ServerSettings
-        from appliance.serve.batcher import BatchPolicy
         from appliance.serve.metrics import ServingMetrics, start_metrics_server
         from appliance.serve.runtime import RuntimeSettings, ServingRuntime
         from appliance.store import ModelStore
@@ -205,7 +194,7 @@ class Ingress:
             RuntimeSettings(
                 models=tuple(a.models),
                 limits=Limits(a.limits.max_texts_per_call, a.limits.max_text_bytes),
-                batch=BatchPolicy(**a.batch.model_dump()),
+                batch=a.batch,
                 intra_op_threads=a.intra_op_threads,
                 max_loaded_models=a.max_loaded_models,
             ),

@@ -22,18 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from appliance.batching import BatchSettings
 from appliance.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch_texts: int = 64
-    max_batch_tokens: int = 4096
-    max_wait_ms: float = 0.0
-    max_queue_texts: int = 2048
-    concurrent_batches: int = 1  # batches in flight at once, each on its own worker thread
 
 
 @dataclass
@@ -67,7 +59,7 @@ class Batcher(Generic[T]):
     def __init__(
         self,
         runner: Runner[T],
-        policy: BatchPolicy,
+        policy: BatchSettings,
         name: str = "batcher",
         on_batch: StatsHook | None = None,
     ) -> None:

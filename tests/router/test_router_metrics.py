@@ -32,9 +32,13 @@ def test_constructing_twice_on_one_registry_shares_the_counters() -> None:
 
 
 def test_the_default_registry_can_be_used_by_two_instances_in_one_process() -> None:
-    RouterMetrics()
-    RouterMetrics()  # would raise "Duplicated timeseries" if it registered again
-    assert REGISTRY.get_sample_value("appliance_decisions_total", {"model": "none", "route": "x"}) is None
+    first = RouterMetrics()
+    second = RouterMetrics()  # would raise "Duplicated timeseries" if it registered again
+    labels = {"model": "shared-default", "route": "specialist"}  # a model no other test observes
+    before = REGISTRY.get_sample_value("appliance_decisions_total", labels) or 0.0
+    first.observe("shared-default", [decision(Route.SPECIALIST, 1.0, 0.5)])
+    second.observe("shared-default", [decision(Route.SPECIALIST, 1.0, 0.5)] * 2)
+    assert REGISTRY.get_sample_value("appliance_decisions_total", labels) == before + 3
 
 
 def test_escalations_and_fallbacks_are_counted_per_model() -> None:

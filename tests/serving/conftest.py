@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from specialists import train_subset
 
-from appliance.client import Client, Connection
+from appliance.client import Connection
 from appliance.config import OFFLINE_ENV
 from appliance.store import ModelStore
-
-MODEL = "b8"
-
-
-@dataclass
-class App:
-    name: str
-    port: int
-    home: Path
-    connection: Connection
-    metrics_port: int | None = None
-
-    def client(self, **overrides: Any) -> Client:
-        conn = Connection(**{**self.connection.__dict__, **overrides})
-        return Client(conn)
+from tests.helpers.serving import MODEL, App
 
 
 @pytest.fixture(scope="session")

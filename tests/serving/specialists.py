@@ -39,7 +39,7 @@ def subset(src: Path, dst: Path, per_label: int, seed: int) -> Path:
     return dst
 
 
-def test_texts(per_label: int = 5) -> list[tuple[str, str]]:
+def sample_texts(per_label: int = 5) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     seen: dict[str, int] = defaultdict(int)
     with (DATA / "test.csv").open(newline="") as handle:

@@ -6,12 +6,13 @@ import concurrent.futures
 import time
 
 import grpc
+import numpy as np
 import pytest
-from conftest import MODEL, App
-from specialists import LABELS, test_texts
+from specialists import LABELS, sample_texts
 
 from appliance.engines.specialist import load_specialist
 from appliance.store import ModelStore
+from tests.helpers.serving import MODEL, App
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,7 +31,7 @@ def wait_serving(app: App, service: str = "appliance.v1.InferenceService", timeo
 
 def test_classify_matches_the_offline_artifact(app: App) -> None:
     assert wait_serving(app) == "SERVING"
-    pairs = test_texts(per_label=5)
+    pairs = sample_texts(per_label=5)
     texts = [t for t, _ in pairs]
     offline = load_specialist(MODEL, ModelStore(app.home))
     probs, _ = offline.probs(texts)
@@ -57,6 +58,18 @@ def test_models_are_listed_and_described(app: App) -> None:
     assert 0.0 < info.threshold <= 1.0
     assert info.limits.max_texts_per_call == 256 and info.limits.max_input_tokens == 256
     assert info.precision in (1, 2)  # FP32 or INT8, whichever the gate chose
+
+
+def test_embed_matches_the_offline_encoder(app: App) -> None:
+    assert wait_serving(app) == "SERVING"
+    texts = [t for t, _ in sample_texts(per_label=3)]
+    # One call the size of one batch, so the server pads exactly as the offline encoder does.
+    expected, _ = load_specialist(MODEL, ModelStore(app.home)).encoder.embed(texts)
+    with app.client() as client:
+        response = client.embed(MODEL, texts)
+    got = np.array([e.values for e in response.embeddings], dtype=np.float32)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
 def test_embed_returns_unit_vectors(app: App) -> None:
@@ -107,7 +120,7 @@ def test_an_expired_deadline_is_deadline_exceeded(app: App) -> None:
 
 
 def test_concurrent_callers_get_consistent_answers(app: App) -> None:
-    pairs = test_texts(per_label=4)
+    pairs = sample_texts(per_label=4)
     with app.client() as client:
         expected = [r.label for r in client.classify(MODEL, [t for t, _ in pairs]).results]
 

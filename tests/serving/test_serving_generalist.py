@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import MODEL, App
 
 from appliance.engines.tiny_llm import build_tiny_llm
 from appliance.router.escalations import EscalationStore
+from tests.helpers.serving import MODEL, App
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from conftest import MODEL, App
 from specialists import LABELS
+
+from tests.helpers.serving import MODEL, App
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

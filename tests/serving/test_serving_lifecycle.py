@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import MODEL, App
 from specialists import train_subset
 
 from appliance.client import AsyncClient
 from appliance.store import ModelStore
+from tests.helpers.serving import MODEL, App
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,12 +29,28 @@ def poll_health(app: App, service: str, want: str, timeout: float = 120.0) -> st
     return status
 
 
+def poll(check: Callable[[], bool], timeout: float = 120.0) -> bool:
+    """Whether ``check`` came true within ``timeout``; NOT_FOUND (not loaded yet) counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        time.sleep(0.25)
+    return False
+
+
 def test_inference_health_waits_for_every_configured_model(start_app, home: Path) -> None:
-    app = start_app("health", models=[MODEL, "late"])
-    # control services answer at once; inference waits for "late", which is not published yet
+    # The runtime loads configured models in order: once MODEL answers, "late" (not published
+    # yet) has been tried and left out, so NOT_SERVING below means "a model is missing", not
+    # "still warming up".
+    app = start_app("health", models=["late", MODEL])
     assert poll_health(app, "appliance.v1.ModelService", "SERVING") == "SERVING"
-    time.sleep(2.0)
     with app.client() as client:
+        assert poll(lambda: client.get_model(MODEL).loaded), f"{MODEL} never loaded"
         assert client.health("appliance.v1.InferenceService") == "NOT_SERVING"
         assert client.health("inference.GRPCInferenceService") == "NOT_SERVING"
         # the model that did load answers anyway
@@ -107,17 +124,26 @@ def test_an_unsigned_version_is_refused(app: App, home: Path) -> None:
     store.remove(f"{MODEL}:{unsigned.version}")
 
 
-def test_overload_is_a_fast_resource_exhausted(start_app) -> None:
+@pytest.fixture(scope="module")
+def tight(start_app) -> App:
+    """An app whose batcher queues at most 8 texts."""
     app = start_app("tight", batch={"max_batch_texts": 4, "max_queue_texts": 8})
     assert poll_health(app, "appliance.v1.InferenceService", "SERVING") == "SERVING"
+    return app
+
+
+@pytest.mark.parametrize("method", ["classify", "embed"])
+def test_overload_is_a_fast_resource_exhausted(tight: App, method: str) -> None:
+    app = tight
     texts = ["I would like to know why my top up failed this morning, it says declined"] * 4
 
     async def flood() -> list[grpc.StatusCode]:
         async with AsyncClient(app.connection) as client:
+            call = getattr(client, method)
 
             async def one() -> grpc.StatusCode:
                 try:
-                    await client.classify(MODEL, texts)
+                    await call(MODEL, texts)
                     return grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as exc:
                     assert exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "retry" in exc.details()
