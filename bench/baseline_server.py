@@ -78,16 +78,16 @@ class Servicer(pb_grpc.InferenceServiceServicer):
 
 def load_classifier(model: str, home: Path | None) -> tuple[EagerClassifier, str]:
     """The specialist's head and labels over the packaged base encoder it was trained on."""
+    from appliance.artifact.head import Head
     from appliance.config import apply_offline_env
-    from appliance.factory.head import Head
     from appliance.factory.pipeline import default_base
     from appliance.store import ModelStore
 
     apply_offline_env()
     manifest = ModelStore(home).load(model)
     head = Head.load(manifest.folder)
-    window = int(manifest.data["encoder"]["window"])
-    classifier = EagerClassifier(default_base(), head.weight, head.bias, manifest.labels, window)
+    spec = manifest.spec
+    classifier = EagerClassifier(default_base(), head.weight, head.bias, spec.labels, spec.encoder.window)
     return classifier, manifest.name
 
 

@@ -3,7 +3,9 @@
 It computes exactly what the Triton kernels compute, step by step and one head at a time:
 masked mean pooling, L2 normalisation, the row's head, softmax, top-k. Ranking is on logits
 (the same order as probabilities, without ties from underflow to 0), and ties go to the lowest
-class id, as in the kernels.
+class id, as in the kernels. Pooling and normalisation are the artifact's own
+(:mod:`appliance.artifact.torch_maths`); the head scoring matches :mod:`appliance.artifact.maths`,
+which the tests check.
 """
 
 from __future__ import annotations
@@ -11,22 +13,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from appliance.artifact.maths import NORM_EPS
+from appliance.artifact.torch_maths import l2_normalize, masked_mean_pool
 from kernels.bank import HeadBank
 
-NORM_EPS = 1e-12  # as torch.nn.functional.normalize: x / max(||x||, eps)
-
-
-def masked_mean_pool(
-    states: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Mean of the token states where ``mask`` is non-zero: [B, T, D], [B, T] -> [B, D].
-
-    A fully padded row pools to zeros.
-    """
-    weights = mask.to(dtype)
-    summed = (states.to(dtype) * weights.unsqueeze(-1)).sum(dim=1)
-    total = weights.sum(dim=1, keepdim=True)
-    return summed / torch.where(total > 0, total, torch.ones_like(total))
+__all__ = ["NORM_EPS", "fused_classify_topk_reference", "masked_mean_pool", "pooled_topk_reference"]
 
 
 def pooled_topk_reference(
@@ -46,8 +37,7 @@ def pooled_topk_reference(
     """
     rows = pooled.shape[0]
     device = pooled.device
-    x = pooled.to(dtype)
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    x = l2_normalize(pooled.to(dtype))
 
     heads = head_index.detach().to("cpu", torch.int64).numpy()
     if heads.size and (heads.min() < 0 or heads.max() >= bank.num_heads):

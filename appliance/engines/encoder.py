@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
+from appliance.artifact.maths import l2_normalize, truncate
 from appliance.batching import BatchSettings
 
 
@@ -90,19 +91,8 @@ class OnnxEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> Tokenized:
         encodings: list[Encoding] = self.tokenizer.encode_batch(list(texts))
-        limit = self.config.max_length
-        ids: list[list[int]] = []
-        truncated: list[bool] = []
-        for enc in encodings:
-            row = enc.ids
-            if len(row) > limit:
-                # keep [CLS] ... and the closing [SEP]
-                row = [*row[: limit - 1], row[-1]]
-                truncated.append(True)
-            else:
-                truncated.append(False)
-            ids.append(row)
-        return Tokenized(ids, truncated)
+        rows = [truncate(enc.ids, self.config.max_length) for enc in encodings]
+        return Tokenized([ids for ids, _ in rows], [cut for _, cut in rows])
 
     def run_padded(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """One session call over rows padded to the longest; returns pooled ``[n, dim]`` float32."""
@@ -154,8 +144,3 @@ class OnnxEncoder:
         """L2-normalised sentence embeddings ``[n, dim]`` and per-text truncation flags."""
         tokenized = self.tokenize(texts)
         return l2_normalize(self.pooled(tokenized)), tokenized.truncated
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 
+from appliance.artifact.head import Head
+from appliance.artifact.manifest import SpecialistManifest
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
-from appliance.factory.head import Head
 from appliance.store import Manifest, ModelStore
 
 
@@ -20,28 +20,28 @@ class Specialist:
     encoder: OnnxEncoder
 
     @property
+    def spec(self) -> SpecialistManifest:
+        return self.manifest.spec
+
+    @property
     def name(self) -> str:
-        return self.manifest.name
+        return self.spec.name
 
     @property
     def version(self) -> int:
-        return self.manifest.version
+        return self.spec.version
 
     @property
     def labels(self) -> list[str]:
-        return self.manifest.labels
+        return self.spec.labels
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest.data["calibration"]["threshold"])
+        return self.spec.calibration.threshold
 
     @property
     def precision(self) -> str:
-        return str(self.manifest.data["precision"])
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return self.manifest.data
+        return self.spec.precision
 
     def probs(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
         """Offline path (evaluation, benchmarks): full distribution per text and truncation flags."""
@@ -50,8 +50,8 @@ class Specialist:
 
 
 def open_encoder(store: ModelStore, manifest: Manifest, config: EncoderConfig | None = None) -> OnnxEncoder:
-    window = int(manifest.data["encoder"]["window"])
-    cfg = replace(config or EncoderConfig(), max_length=window)  # the window is the model's own
+    # the window is the artifact's: the one its head was trained and calibrated with
+    cfg = replace(config or EncoderConfig(), max_length=manifest.spec.encoder.window)
     return OnnxEncoder(store.encoder_folder(manifest.encoder_id), "model.onnx", cfg)
 
 

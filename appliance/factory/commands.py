@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev = sub.add_parser("eval", help="evaluate a published specialist on a labelled file")
     ev.add_argument("model", help="NAME or NAME:VERSION")
     ev.add_argument("--data", type=Path, required=True)
-    ev.add_argument("--text-column", default="text")
-    ev.add_argument("--label-column", default="label")
+    ev.add_argument("--text-column", help="default: the column the model was trained from (else text)")
+    ev.add_argument("--label-column", help="default: the column the model was trained from (else label)")
     ev.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     ev.set_defaults(func=run_eval)
 
@@ -113,7 +113,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     try:
         model = load_specialist(args.model)
-        data = load_labelled(args.data, args.text_column, args.label_column)
+        trained = model.spec.columns  # None for models published before columns were recorded
+        text_column = args.text_column or (trained.text if trained else "text")
+        label_column = args.label_column or (trained.label if trained else "label")
+        data = load_labelled(args.data, text_column, label_column)
     except (ApplianceError, ValueError, OSError) as exc:
         return _fail(exc)
     index = {label: i for i, label in enumerate(model.labels)}

@@ -15,16 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from appliance.artifact.manifest import Calibration
+
 ECE_BINS = 15
 CURVE_POINTS = 21
-
-
-@dataclass(frozen=True)
-class Calibration:
-    target_precision: float
-    threshold: float
-    coverage: float  # share of decisions with confidence >= threshold
-    precision: float  # accuracy among those decisions
 
 
 @dataclass
@@ -50,14 +44,7 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    out: np.ndarray = exp / exp.sum(axis=1, keepdims=True)
-    return out
+        return {**asdict(self), "calibration": self.calibration.model_dump()}
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -81,10 +68,12 @@ def calibrate_threshold(confidence: np.ndarray, correct: np.ndarray, target: flo
     last_of_tie = np.append(conf_sorted[1:] != conf_sorted[:-1], True)
     ok = np.flatnonzero((precision >= target) & last_of_tie)
     if ok.size == 0:
-        return Calibration(target, threshold=1.0 + 1e-6, coverage=0.0, precision=float("nan"))
+        return Calibration(
+            target_precision=target, threshold=1.0 + 1e-6, coverage=0.0, precision=float("nan")
+        )
     k = int(ok[-1])
     return Calibration(
-        target,
+        target_precision=target,
         threshold=float(conf_sorted[k]),
         coverage=float(counts[k] / len(order)),
         precision=float(precision[k]),

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from appliance.artifact.torch_maths import masked_mean_pool
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -31,13 +33,7 @@ class MeanPooledEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return masked_mean(states, attention_mask)
-
-
-def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask.unsqueeze(-1).to(states.dtype)
-    # clamp: an all-padding row pools to zeros instead of NaN
-    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return masked_mean_pool(states, attention_mask)
 
 
 def export_onnx(encoder: nn.Module, out_path: Path) -> Path:

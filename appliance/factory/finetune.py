@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from appliance.artifact.maths import truncate
+from appliance.artifact.torch_maths import l2_normalize, masked_mean_pool
 from appliance.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -241,7 +243,7 @@ class Tokens:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         rows = [enc.ids for enc in self.tokenizer.encode_batch(list(texts))]
-        return [r if len(r) <= self.window else [*r[: self.window - 1], r[-1]] for r in rows]
+        return [truncate(r, self.window)[0] for r in rows]
 
 
 @dataclass(frozen=True)
@@ -335,9 +337,7 @@ class Tuner(nn.Module):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
         states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
-        return F.normalize(pooled, dim=-1)
+        return l2_normalize(masked_mean_pool(states, mask))
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         assert self.weight is not None

@@ -18,11 +18,24 @@ from typing import Any
 import numpy as np
 
 from appliance import dataset
+from appliance.artifact.head import HEAD_FILE
+from appliance.artifact.manifest import (
+    SCHEMA_VERSION,
+    BaseEncoderRef,
+    Columns,
+    EncoderRef,
+    HeadInfo,
+    Lineage,
+    Quantization,
+    SpecialistFields,
+    TrainedFrom,
+    TrainingData,
+)
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
 from appliance.errors import InvalidArgument
 from appliance.factory import card
 from appliance.factory.evaluate import Report, evaluate
-from appliance.factory.head import DEFAULT_C, Head, fit_logistic
+from appliance.factory.head import DEFAULT_C, fit_logistic
 from appliance.store import Manifest, ModelStore, folder_digest, hash_files
 
 log = logging.getLogger(__name__)
@@ -73,9 +86,9 @@ class TrainResult:
         return {
             "model": f"{self.manifest.name}:{self.manifest.version}",
             "path": str(self.manifest.folder),
-            "precision": self.manifest.data["precision"],
+            "precision": self.manifest.spec.precision,
             **self.report.summary(),
-            "quantization": self.manifest.data["quantization"],
+            "quantization": self.manifest.spec.quantization.model_dump(),
             "warnings": [w.message for w in self.warnings],
             "timings_s": self.timings,
         }
@@ -229,54 +242,51 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
 
     reports = {p: evaluate(head.probs(x), y_held, labels, spec.target_precision) for p, x in x_held.items()}
     precision, reason = gate(reports["fp32"].accuracy, reports["int8"].accuracy)
-    quantization = {
-        "fp32_accuracy": reports["fp32"].accuracy,
-        "int8_accuracy": reports["int8"].accuracy,
-        "drop_points": 100.0 * (reports["fp32"].accuracy - reports["int8"].accuracy),
-        "max_drop_points": INT8_MAX_DROP_POINTS,
-        "decision": precision,
-        "reason": reason,
-    }
+    quantization = Quantization(
+        fp32_accuracy=reports["fp32"].accuracy,
+        int8_accuracy=reports["int8"].accuracy,
+        drop_points=100.0 * (reports["fp32"].accuracy - reports["int8"].accuracy),
+        max_drop_points=INT8_MAX_DROP_POINTS,
+        decision=precision,
+        reason=reason,
+    )
     report = reports[precision]
-    progress(f"held-out accuracy {report.accuracy:.4f} ({precision}); {quantization['reason']}")
+    progress(f"held-out accuracy {report.accuracy:.4f} ({precision}); {quantization.reason}")
 
-    fields = {
-        "kind": "classifier",
-        "mode": spec.mode,
-        "labels": labels,
-        "label_descriptions": spec.label_descriptions,
-        "encoder": {"id": encoders[precision], "precision": precision, "window": window, "dim": fp32.dim},
-        "encoders": encoders,
-        "base_encoder": {"name": base.name, "sha256": folder_digest(hash_files(base))},
-        "precision": precision,
-        "head": {"file": "head.npz", "regularisation_C": spec.head_c},
-        "metrics": report.summary(),
-        "calibration": {
-            "target_precision": spec.target_precision,
-            "threshold": report.calibration.threshold,
-            "coverage": report.calibration.coverage,
-            "precision": report.calibration.precision,
-        },
-        "quantization": quantization,
-        "default_policy": spec.default_policy,
-        "finetune": finetune_summary,
-        "data": {
-            "train": dataset.fingerprint(train_set),
-            "heldout": dataset.fingerprint(heldout),
-            "heldout_source": "eval file"
-            if spec.eval_data
-            else f"stratified {spec.heldout_fraction:.0%} split",
-        },
-    }
+    train_fingerprint = dataset.fingerprint(train_set)
+    published = store.versions(spec.name)
+    fields = SpecialistFields(
+        kind="classifier",
+        schema_version=SCHEMA_VERSION,
+        mode=spec.mode,
+        labels=labels,
+        label_descriptions=spec.label_descriptions,
+        encoder=EncoderRef(id=encoders[precision], precision=precision, window=window, dim=fp32.dim),
+        encoders=encoders,
+        base_encoder=BaseEncoderRef(name=base.name, sha256=folder_digest(hash_files(base))),
+        precision=precision,
+        head=HeadInfo(file=HEAD_FILE, regularisation_C=spec.head_c),
+        metrics=report.summary(),
+        calibration=report.calibration,
+        quantization=quantization,
+        default_policy=spec.default_policy,
+        finetune=finetune_summary,
+        data=TrainingData(
+            train=train_fingerprint,
+            heldout=dataset.fingerprint(heldout),
+            heldout_source="eval file" if spec.eval_data else f"stratified {spec.heldout_fraction:.0%} split",
+        ),
+        columns=Columns(text=spec.text_column, label=spec.label_column),
+        lineage=Lineage(
+            parent_version=published[-1] if published else None,
+            trained_from=TrainedFrom(fingerprint=str(train_fingerprint["sha256"]), source=spec.data.name),
+        ),
+    )
     timings["total"] = time.perf_counter() - started
     with store.staging(spec.name) as stage:
         head.save(stage.folder)
         (stage.folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float))
         (stage.folder / card.CARD_FILE).write_text(card.render(spec, fields, report, warnings, timings))
-        manifest = stage.commit(fields)
+        manifest = stage.commit(fields.model_dump())
     progress(f"published {manifest.name}:{manifest.version} at {manifest.folder}")
     return TrainResult(manifest, report, warnings, timings)
-
-
-def load_head(manifest: Manifest) -> Head:
-    return Head.load(manifest.folder)

@@ -181,6 +181,21 @@ def test_eval_json(
 
 
 @pytest.mark.slow
+def test_eval_defaults_to_the_columns_the_model_was_trained_from(
+    trained: subprocess.CompletedProcess[str], home: Path, files: dict[str, Path]
+) -> None:
+    """Trained with --label-column category: eval reads that column without being told."""
+    done = run(home, "eval", "bank4", "--data", files["test"], "--json")
+    assert done.returncode == 0, done.stderr
+    out = last_json(done.stdout)
+    assert out["n"] == 40
+    assert out["accuracy"] == pytest.approx(last_json(trained.stdout)["accuracy"])
+    # a column given on the command line still wins
+    done = run(home, "eval", "bank4", "--data", files["test"], "--label-column", "label", "--json")
+    assert done.returncode == 2 and "no label column 'label'" in done.stderr
+
+
+@pytest.mark.slow
 def test_eval_for_people(
     trained: subprocess.CompletedProcess[str], home: Path, files: dict[str, Path]
 ) -> None:

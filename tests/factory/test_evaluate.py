@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+from appliance.artifact.maths import softmax
 from appliance.factory.evaluate import (
     CURVE_POINTS,
     calibrate_threshold,
@@ -15,7 +16,6 @@ from appliance.factory.evaluate import (
     expected_calibration_error,
     precision_at,
     risk_coverage_curve,
-    softmax,
 )
 
 

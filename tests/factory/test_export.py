@@ -22,7 +22,7 @@ import torch
 
 from appliance.config import apply_offline_env
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
-from appliance.factory.export import TOKENIZER_FILES, export_encoder_folders, masked_mean
+from appliance.factory.export import TOKENIZER_FILES, export_encoder_folders
 from appliance.factory.pipeline import default_base
 
 pytestmark = pytest.mark.slow
@@ -147,11 +147,3 @@ def test_exported_folders_are_self_contained(exported: dict[str, Path]) -> None:
         assert "model.onnx" in present
         assert {name for name in TOKENIZER_FILES if (base / name).exists()} <= present
         assert (folder / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
-
-
-def test_masked_mean_ignores_padding_and_empty_rows() -> None:
-    states = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
-    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
-    out = masked_mean(states, mask)
-    torch.testing.assert_close(out[0], states[0, :2].mean(0))
-    torch.testing.assert_close(out[1], torch.zeros(2))  # all padding: zeros, not NaN

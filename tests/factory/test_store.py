@@ -98,7 +98,7 @@ def test_publish_and_load_round_trip(store: ModelStore) -> None:
     assert store.resolve("bank") == ("bank", 2)
     loaded = store.load("bank:1")
     assert loaded.data == first.data
-    assert loaded.labels == ["a", "b"]
+    assert loaded.data["labels"] == ["a", "b"]
     assert (loaded.folder / "head.npz").read_bytes() == b"one"
     assert set(loaded.data["files"]) == {"head.npz", "MODEL_CARD.md", "sub/extra.json"}
     assert list(iter_staging(store.models_root)) == []

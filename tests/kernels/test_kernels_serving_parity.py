@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.engines.encoder import EncoderConfig, OnnxEncoder, l2_normalize
+from appliance.artifact.maths import l2_normalize
+from appliance.engines.encoder import EncoderConfig, OnnxEncoder
 from appliance.factory.head import fit_logistic
 from appliance.factory.pipeline import base_encoders, default_base
 from appliance.serve.runtime import HeadTable, _Row

@@ -1,0 +1,142 @@
+"""The specialist manifest, typed: what ``manifest.json`` holds and every reader may rely on.
+
+The factory builds :class:`SpecialistFields`; the store adds the publishing fields (name,
+version, creation time, file hashes) and signs the JSON bytes it writes. Readers parse those
+bytes into a :class:`SpecialistManifest`; the signature stays over the bytes, never over a
+re-serialisation of this model.
+
+Schema versions: 1 is every manifest written before ``schema_version`` existed (no training
+columns, no lineage); 2 adds ``columns`` and ``lineage``. Unknown keys are ignored, so a
+manifest from a newer factory still loads here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+from appliance.artifact.head import HEAD_FILE
+
+SCHEMA_VERSION = 2
+Kind = Literal["classifier", "span_extractor"]
+Precision = Literal["fp32", "int8"]
+DefaultPolicy = Literal["cascade", "specialist_only", "generalist_only"]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class EncoderRef(_Part):
+    """The encoder this specialist is served with."""
+
+    id: str  # content hash of the encoder folder in the store
+    precision: Precision
+    window: int  # tokens per text; longer texts are truncated
+    dim: int
+
+
+class BaseEncoderRef(_Part):
+    name: str
+    sha256: str  # of the Hugging Face folder the encoders were exported from
+
+
+class HeadInfo(_Part):
+    file: str = HEAD_FILE
+    regularisation_C: float | None = None  # the key as written since schema 1
+
+
+class Calibration(_Part):
+    """The confidence threshold the cascade uses, and what it achieved on held-out data."""
+
+    target_precision: float
+    threshold: float
+    coverage: float  # share of held-out decisions at or above the threshold
+    precision: float  # their accuracy; NaN when no threshold reaches the target
+
+
+class Quantization(_Part):
+    fp32_accuracy: float
+    int8_accuracy: float
+    drop_points: float
+    max_drop_points: float
+    decision: Precision
+    reason: str
+
+
+class DataFingerprint(_Part):
+    """A data set identified without its texts (``appliance.dataset.fingerprint``)."""
+
+    sha256: str
+    n_rows: int
+    n_labels: int
+    label_counts: dict[str, int]
+
+
+class TrainingData(_Part):
+    train: DataFingerprint
+    heldout: DataFingerprint
+    heldout_source: str
+
+
+class Columns(_Part):
+    """The columns the specialist was trained from: the defaults for evaluating it."""
+
+    text: str
+    label: str
+
+
+class TrainedFrom(_Part):
+    fingerprint: str  # sha256 of the training set, as in ``data.train``
+    source: str  # the training file's name (not its path)
+
+
+class Lineage(_Part):
+    parent_version: int | None  # the version of this name published before it, if any
+    trained_from: TrainedFrom
+
+
+class SpecialistFields(_Part):
+    """What the factory writes; the store adds the publishing fields."""
+
+    kind: Kind = "classifier"
+    schema_version: int = 1
+    mode: Literal["head", "finetune"] = "head"
+    labels: list[str] = Field(min_length=1)
+    label_descriptions: dict[str, str] = Field(default_factory=dict)
+    encoder: EncoderRef
+    encoders: dict[Precision, str]
+    base_encoder: BaseEncoderRef
+    precision: Precision
+    head: HeadInfo = Field(default_factory=HeadInfo)
+    metrics: dict[str, int | float] = Field(default_factory=dict)
+    calibration: Calibration
+    quantization: Quantization
+    default_policy: DefaultPolicy = "cascade"
+    finetune: dict[str, JsonValue] | None = None
+    data: TrainingData
+    columns: Columns | None = None
+    lineage: Lineage | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpecialistFields:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        if self.encoders.get(self.encoder.precision, self.encoder.id) != self.encoder.id:
+            raise ValueError(f"encoder {self.encoder.id[:12]} is not the {self.encoder.precision} encoder")
+        return self
+
+
+class SpecialistManifest(SpecialistFields):
+    """A published specialist's manifest."""
+
+    format: int = 1
+    name: str
+    version: int
+    created_at: str = ""
+    files: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
