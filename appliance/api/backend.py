@@ -49,3 +49,7 @@ class Backend(Protocol):
     def is_ready(self, model: str | None = None) -> bool:
         """True when the named model (or, with None, every configured model) is warm."""
         ...
+
+    async def close(self) -> None:
+        """Stop taking work and finish what is queued; called once, when the server stops."""
+        ...

@@ -29,6 +29,7 @@ from appliance._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from appliance.api.backend import Backend
 from appliance.api.kserve import KServeServicer, reflection_pool
 from appliance.api.servicers import AdminServicer, GenerationServicer, InferenceServicer, ModelServicer
+from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition
 from appliance.security.interceptor import is_loopback
 from appliance.serve.metrics import ServingMetrics
@@ -72,12 +73,12 @@ class ApplianceServer:
         backend: Backend,
         settings: ServerSettings,
         metrics: ServingMetrics | None = None,
-        generalist: Any = None,
+        generalist: Generalist | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
-        self.generalist = generalist  # object with async generate(...) and a `ready` flag, or None
+        self.generalist = generalist  # None: no GenerationService
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -180,7 +181,7 @@ class ApplianceServer:
                 await self.health.set(name, serving if ready else not_serving)
             await self.health.set("", serving if ready else not_serving)
             if self.generalist is not None:
-                gen_ready = bool(getattr(self.generalist, "ready", False))
+                gen_ready = self.generalist.ready
                 await self.health.set(GENERATION_SERVICE, serving if gen_ready else not_serving)
             await asyncio.sleep(0.25)
 
@@ -192,11 +193,9 @@ class ApplianceServer:
         if self._watch is not None:
             self._watch.cancel()
         await self.health.enter_graceful_shutdown()
-        close = getattr(self.backend, "close", None)
         grace = self.settings.grace_seconds if grace is None else grace
         stopping = asyncio.ensure_future(self._server.stop(grace))
-        if close is not None:
-            await close()
+        await self.backend.close()
         await stopping
         self._server = None
         if self._audit is not None:

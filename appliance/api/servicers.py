@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
@@ -18,7 +17,8 @@ from appliance._proto.appliance.v1 import appliance_pb2 as pb
 from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
 from appliance.api.backend import Backend
 from appliance.api.boundary import Boundary
-from appliance.errors import DeadlineExceeded, Unavailable
+from appliance.engines.generalist_api import Generalist
+from appliance.errors import DeadlineExceeded
 from appliance.serve.metrics import ServingMetrics
 from appliance.types import Cost, Decision, ModelDescription, Policy, Route
 
@@ -203,10 +203,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    """Streams from the generalist; the backend's ``generate`` yields GenerationChunk-like objects."""
+    """Streams from the generalist. New calls stop at shutdown: the server refuses them itself."""
 
-    def __init__(self, backend: Any, metrics: ServingMetrics | None = None) -> None:
-        self.backend = backend
+    def __init__(self, generalist: Generalist, metrics: ServingMetrics | None = None) -> None:
+        self.generalist = generalist
         self.metrics = metrics
         self.boundary = Boundary("GenerationService", metrics, default_label="generalist")
 
@@ -216,16 +216,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         rid = request_id(request.request_id)
 
         async def responses() -> AsyncIterator[pb.GenerateResponse]:
-            if getattr(self.backend, "draining", False):
-                raise Unavailable("the server is shutting down")
-            stream = self.backend.generate(
+            remaining(context)  # an expired deadline fails before the generalist is asked
+            stream = self.generalist.generate(
                 prompt=request.prompt or None,
                 messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
                 max_tokens=request.max_tokens or None,
                 temperature=request.temperature,
                 stop=list(request.stop),
                 request_id=rid,
-                timeout=remaining(context),
             )
             async for chunk in stream:
                 yield pb.GenerateResponse(
@@ -235,9 +233,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     usage=pb.Usage(
                         prompt_tokens=chunk.prompt_tokens or 0, completion_tokens=chunk.completion_tokens or 0
                     ),
-                    cost=cost_pb(chunk.cost) if getattr(chunk, "cost", None) else pb.Cost(),
+                    cost=cost_pb(chunk.cost) if chunk.cost is not None else pb.Cost(),
                     request_id=rid,
-                    prompt_truncated=bool(getattr(chunk, "prompt_truncated", False)),
                 )
 
         # an async generator itself: grpc runs any other kind of stream handler in a thread pool

@@ -14,12 +14,10 @@ the appliance promises.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -28,7 +26,13 @@ from ray.serve.handle import DeploymentHandle
 
 from appliance.batching import BatchSettings
 from appliance.config import OFFLINE_ENV, appliance_home, apply_offline_env
-from appliance.errors import ApplianceError, ResourceExhausted, Unavailable
+from appliance.engines.generalist_args import GeneralistArgs
+from appliance.router.cascade import Cascade
+from appliance.router.cost import CostModel
+from appliance.serve.generalist import GeneralistClient, generalist_app, placement_of
+
+if TYPE_CHECKING:
+    from appliance.serve.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 APP_NAME = "appliance"
@@ -38,18 +42,6 @@ class LimitsArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_texts_per_call: int = Field(256, ge=1, le=4096)
     max_text_bytes: int = Field(64 * 1024, ge=16, le=16 << 20)
-
-
-class GeneralistArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str
-    max_model_len: int = 2048
-    kv_cache_gib: float = 1.0
-    max_concurrency: int = 8
-    num_gpus: int = 0
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False  # skip torch.compile: starts ~30 s sooner, decodes slower
-    dtype: str | None = None  # None: float32 on CPU, the checkpoint's own type on GPU
 
 
 class AppArgs(BaseModel):
@@ -75,79 +67,6 @@ class AppArgs(BaseModel):
     price_per_hour: float = Field(2.0, ge=0)
     currency: str = "USD"
     store_escalation_texts: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class PricedChunk:
-    """The generalist's last chunk of a generation, with its cost."""
-
-    text: str
-    finished: bool
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    engine_seconds: float
-    cost: Any
-
-
-def _mapped(exc: Exception) -> ApplianceError:
-    """A Ray error from the generalist deployment as the status the caller should see."""
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(exc, ApplianceError):
-        return exc
-    if isinstance(exc, BackPressureError):
-        return ResourceExhausted("the generalist is overloaded; retry later")
-    return Unavailable(f"the generalist is unavailable ({type(exc).__name__}); it is being restarted")
-
-
-class GeneralistClient:
-    """The generalist deployment seen from the ingress: classify, generate, readiness."""
-
-    def __init__(self, handle: DeploymentHandle[Any], cost: Any, accelerator: bool = False) -> None:
-        self._handle = handle
-        self._cost = cost  # appliance.router.cost.CostModel
-        self.ready = False
-        self.accelerator = accelerator
-
-    async def watch(self) -> None:
-        while True:
-            try:
-                self.ready = bool(await self._handle.ready.remote())
-            except Exception:  # a replica being replaced: not ready until it answers again
-                self.ready = False
-            await asyncio.sleep(1.0 if self.ready else 0.5)
-
-    async def classify(
-        self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None = None
-    ) -> Any:
-        try:
-            return await self._handle.classify.remote(text, list(labels), dict(descriptions or {}))
-        except ApplianceError:
-            raise
-        except Exception as exc:  # the replica died or is restarting
-            raise Unavailable(f"the generalist is unavailable: {type(exc).__name__}") from exc
-
-    async def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None) -> None:
-        await self._handle.check_label_set.remote(list(labels), dict(descriptions or {}))
-
-    async def generate(self, *, timeout: float | None = None, **request: Any) -> AsyncIterator[Any]:
-        stream: Any = self._handle.options(stream=True).generate.remote(
-            {k: v for k, v in request.items() if v is not None}
-        )
-        try:
-            async for chunk in stream:
-                if chunk.finished:  # the last chunk carries the usage; price it here
-                    seconds = chunk.engine_seconds
-                    cost = (
-                        self._cost.price(0.0, seconds)
-                        if self.accelerator
-                        else self._cost.price(seconds * self._cost.cores, 0.0)
-                    )
-                    chunk = PricedChunk(**dataclasses.asdict(chunk), cost=cost)
-                yield chunk
-        except Exception as exc:
-            raise _mapped(exc) from exc
 
 
 @serve.deployment(
@@ -177,15 +96,16 @@ class Ingress:
         self.metrics_port = (
             start_metrics_server(metrics, a.metrics_port) if a.metrics_port is not None else None
         )
-        from appliance.router.cost import CostModel
-
-        on_gpu = bool(a.generalist and a.generalist.num_gpus)
         cost = CostModel(
             price_per_hour=a.price_per_hour,
             currency=a.currency,
             accelerators=a.generalist.num_gpus if a.generalist else 0,
         )
-        self.generalist = GeneralistClient(generalist, cost, on_gpu) if generalist is not None else None
+        self.generalist = (
+            GeneralistClient(generalist, cost, placement_of(a.generalist))
+            if generalist is not None and a.generalist is not None
+            else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
         if self.generalist is not None:
             self._tasks.append(asyncio.get_running_loop().create_task(self.generalist.watch()))
@@ -244,10 +164,9 @@ class Ingress:
 
 
 def build_router(
-    args: AppArgs, home: Path, generalist: GeneralistClient | None, cost: Any, metrics: Any
-) -> Any:
+    args: AppArgs, home: Path, generalist: GeneralistClient | None, cost: CostModel, metrics: ServingMetrics
+) -> Cascade:
     """The cascade router with its escalation store and cost model."""
-    from appliance.router.cascade import Cascade
     from appliance.router.escalations import EscalationStore
     from appliance.router.metrics import RouterMetrics
 
@@ -260,21 +179,7 @@ def build_app(args: dict[str, Any]) -> Application:
     a = AppArgs.model_validate(args)
     home = str(Path(a.home).resolve() if a.home else appliance_home())
     env = {**OFFLINE_ENV, "APPLIANCE_HOME": home}
-    generalist = None
-    if a.generalist is not None:
-        from appliance.serve.generalist import generalist_app
-
-        g = a.generalist
-        generalist = generalist_app(
-            g.path,
-            max_model_len=g.max_model_len,
-            kv_cache_gib=g.kv_cache_gib,
-            max_concurrency=g.max_concurrency,
-            num_gpus=g.num_gpus,
-            tensor_parallel_size=g.tensor_parallel_size,
-            enforce_eager=g.enforce_eager,
-            dtype=g.dtype,
-        )
+    generalist = generalist_app(a.generalist) if a.generalist is not None else None
     ingress: Application = Ingress.options(  # type: ignore[attr-defined]  # @serve.deployment made it a Deployment
         ray_actor_options={"num_cpus": a.ingress_cpus, "runtime_env": {"env_vars": env}},
     ).bind({**a.model_dump(), "home": home}, generalist)

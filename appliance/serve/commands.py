@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from appliance.config import appliance_home, state_dir
+from appliance.errors import InvalidArgument
 
 DEMO_MODEL = "banking77"
 DEMO_TEXTS = (
@@ -30,6 +31,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--config", type=Path, help="Ray Serve config file (deploy/serve/appliance.yaml)")
     serve.add_argument("--model", action="append", dest="models", help="model to load at start (repeatable)")
     serve.add_argument("--generalist", type=Path, help="local Hugging Face causal-LM folder for the cascade")
+    serve.add_argument(
+        "--generalist-max-model-len",
+        type=int,
+        help="the generalist's context window in tokens (default: 2048, or less if the model allows less)",
+    )
     serve.add_argument("--insecure-loopback", action="store_true", help="plaintext gRPC, loopback binds only")
     serve.add_argument("--mtls", action="store_true", help="require client certificates from the local CA")
     serve.set_defaults(func=run_serve)
@@ -69,10 +75,18 @@ def app_args_from(ns: argparse.Namespace) -> Any:
         "require_client_cert": ns.mtls or None,
     }
     args.update({k: v for k, v in overrides.items() if v is not None})
-    if ns.generalist is not None:
-        args["generalist"] = {**(args.get("generalist") or {}), "path": str(ns.generalist.resolve())}
+    generalist = {
+        "path": str(ns.generalist.resolve()) if ns.generalist is not None else None,
+        "max_model_len": ns.generalist_max_model_len,
+    }
+    generalist = {k: v for k, v in generalist.items() if v is not None}
+    if generalist:
+        args["generalist"] = {**(args.get("generalist") or {}), **generalist}
     args.setdefault("home", str(appliance_home()))
-    return AppArgs.model_validate(args)
+    app_args = AppArgs.model_validate(args)
+    if app_args.generalist is not None:
+        app_args.generalist.window()  # a window the model cannot take fails here, not in a replica
+    return app_args
 
 
 def run_serve(ns: argparse.Namespace) -> int:
@@ -87,7 +101,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         return 1
     try:
         args = app_args_from(ns)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, InvalidArgument) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return serve_forever(args, ns.address)

@@ -352,7 +352,7 @@ class ServingRuntime:
             lane.batcher.start()
             self._lanes[encoder_id] = lane
         self._versions[loaded.key] = loaded
-        self.metrics.model_version.labels(spec.name, str(spec.version)).set(1)
+        self.metrics.model_loaded(spec.name, spec.version)
         # Never evict the version just installed nor the serving one of its name: the caller is
         # about to use the first, bare callers the second. Past `versions_kept` versions of this
         # name, and past max_loaded_models in all, the least recently used others go.
@@ -370,7 +370,7 @@ class ServingRuntime:
         """Unload one version. What a bare name gets stays chosen: a dropped serving version is
         loaded again on demand."""
         if self._versions.pop(key, None) is not None:
-            self.metrics.model_version.labels(key[0], str(key[1])).set(0)
+            self.metrics.model_unloaded(*key)
 
     def _rebuild_heads(self) -> None:
         for encoder_id, lane in list(self._lanes.items()):

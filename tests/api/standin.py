@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 import numpy as np
 
+from appliance.api.backend import Backend
 from appliance.errors import InvalidArgument, NotFound
 from appliance.store import parse_ref
 from appliance.types import (
@@ -51,7 +52,7 @@ def keyword_probs(text: str) -> np.ndarray:
     return smoothed / smoothed.sum()
 
 
-class KeywordBackend:
+class KeywordBackend(Backend):
     """Serves one classifier, ``intents`` version 3; ``warm`` says whether it is ready."""
 
     def __init__(self, warm: bool = True) -> None:
@@ -152,6 +153,9 @@ class KeywordBackend:
 
     def is_ready(self, model: str | None = None) -> bool:
         return self.warm and (model is None or model.partition(":")[0] == MODEL)
+
+    async def close(self) -> None:
+        self.warm = False
 
 
 @contextlib.contextmanager

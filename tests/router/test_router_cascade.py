@@ -27,11 +27,11 @@ from appliance.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from appliance.router.cascade import Cascade, ModelRef, SpecialistAnswer
+from appliance.router.cascade import Cascade, ModelRef
 from appliance.router.cost import CostModel
 from appliance.router.escalations import EscalationStore
 from appliance.router.metrics import RouterMetrics
-from appliance.types import Decision, Policy, Route
+from appliance.types import Decision, Policy, Route, SpecialistAnswer
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "refund"]
 COST = CostModel(price_per_hour=3.6, cores=2)  # 0.0005 per core-second
