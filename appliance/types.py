@@ -32,6 +32,17 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class SpecialistAnswer:
+    """The specialist's view of one text, before routing."""
+
+    top: list[tuple[str, float]]  # best first
+    probs: np.ndarray | None  # the full distribution, in label order, when asked for
+    truncated: bool
+    core_seconds: float  # this text's share of its batch's core time
+    latency_ms: float
+
+
+@dataclass(frozen=True)
 class Decision:
     """One text's answer."""
 

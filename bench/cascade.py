@@ -48,6 +48,10 @@ from typing import Any
 
 import numpy as np
 
+from appliance.engines.generalist import GeneralistEngine
+from appliance.engines.generalist_api import ZeroShotResult
+from appliance.engines.generalist_args import GeneralistArgs
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "appliance" / "data" / "banking77"
 MODEL_NAME = "banking77-cascade"
@@ -277,20 +281,23 @@ def run_specialist(specialist: Any, texts: Sequence[str]) -> SpecialistRun:
 # --------------------------------------------------------------------------- the cascade
 
 
-class RecordingGeneralist:
-    """The engine as the cascade sees it, keeping every answer (token counts, engine time)."""
+class RecordingGeneralist(GeneralistEngine):
+    """The engine, keeping every answer it gives the cascade (token counts, engine time)."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.answers: dict[str, Any] = {}
+    def __init__(self, args: GeneralistArgs) -> None:
+        super().__init__(args)
+        self.answers: dict[str, ZeroShotResult] = {}
 
-    async def classify(self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None) -> Any:
-        result = await self.engine.classify(text, labels, descriptions)
+    async def classify(
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> ZeroShotResult:
+        result = await super().classify(text, labels, descriptions, request_id)
         self.answers[text] = result
         return result
-
-    def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None) -> None:
-        self.engine.check_label_set(labels, descriptions)
 
 
 @dataclass
@@ -314,9 +321,9 @@ async def run_cascade(
     db: Path,
     cost: Any,
 ) -> CascadeRun:
-    from appliance.engines.generalist import GeneralistEngine
-    from appliance.router.cascade import Cascade, ModelRef, SpecialistAnswer
+    from appliance.router.cascade import Cascade, ModelRef
     from appliance.router.escalations import EscalationStore
+    from appliance.types import SpecialistAnswer
 
     ref = ModelRef.of(specialist)
     labels = np.asarray(ref.labels)
@@ -326,21 +333,23 @@ async def run_cascade(
         top = [(str(labels[j]), float(run.probs[i, j])) for j in order]
         return SpecialistAnswer(top, None, run.truncated[i], float(run.core_seconds[i]), 0.0)
 
-    engine = GeneralistEngine(
-        tiny_llm,
-        max_model_len=args.max_model_len,
-        kv_cache_gib=1.0,
-        max_concurrency=args.generalist_concurrency,
-        enforce_eager=not args.compile,
+    engine = RecordingGeneralist(
+        GeneralistArgs(
+            path=str(tiny_llm),
+            max_model_len=args.max_model_len,
+            kv_cache_gib=1.0,
+            max_concurrency=args.generalist_concurrency,
+            enforce_eager=not args.compile,
+        )
     )
     await engine.start()
     try:
-        generalist = RecordingGeneralist(engine)
         with EscalationStore(db) as store:
-            cascade = Cascade(generalist, store, cost, max_concurrency=args.generalist_concurrency)
+            cascade = Cascade(engine, store, cost, max_concurrency=args.generalist_concurrency)
             await cascade.check_model(ref)
             # The first request builds the label grammar; keep it out of the measured sample.
             await engine.classify(warmup_text, ref.labels, ref.label_descriptions or None)
+            engine.answers.clear()
 
             automated_decisions: list[Any] = []
             for start in range(0, len(automated), args.request_size):
@@ -357,7 +366,7 @@ async def run_cascade(
     finally:
         await engine.stop()
     return CascadeRun(
-        automated_decisions, escalated, generalist.answers, engine.start_seconds or 0.0, generalist_wall
+        automated_decisions, escalated, engine.answers, engine.start_seconds or 0.0, generalist_wall
     )
 
 
@@ -630,7 +639,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generalist-concurrency", type=int, default=8)
     parser.add_argument("--request-size", type=int, default=32, help="texts per cascade call (automated)")
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, help="default: 2048, or less if the model allows less")
     parser.add_argument("--compile", action="store_true", help="let vLLM compile (slower start)")
     parser.add_argument(
         "--assumed-generalist-accuracy",

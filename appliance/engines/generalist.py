@@ -25,11 +25,18 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from appliance.config import apply_offline_env
+from appliance.engines.generalist_api import (
+    DEFAULT_MAX_TOKENS,
+    Generalist,
+    GenerationChunk,
+    Placement,
+    ZeroShotResult,
+)
+from appliance.engines.generalist_args import GeneralistArgs
 from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted, Unavailable
 
 if TYPE_CHECKING:
@@ -44,73 +51,15 @@ MAX_STOP_SEQUENCES = 16
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
 
-@dataclass(frozen=True)
-class GenerationChunk:
-    """One streamed piece of a generation; the last one has ``finished=True`` and the usage."""
-
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length" | "abort"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    engine_seconds: float = 0.0  # wall time from submission to the last token
-
-
-@dataclass(frozen=True)
-class ZeroShotResult:
-    """A label chosen by the generalist.
-
-    ``confidence`` is exp(sum of the generated tokens' log-probabilities), the end-of-sequence
-    token included. vLLM applies the structured-output mask before it computes log-probabilities,
-    so each term is conditioned on "the output is still a prefix of some label": the confidence
-    is the probability of this exact token path under the label-constrained distribution. It is
-    in (0, 1], and a lower bound on the label's probability when a label can be spelled by
-    several token paths.
-    """
-
-    label: str
-    confidence: float
-    prompt_tokens: int
-    completion_tokens: int
-    engine_seconds: float
-
-
-class GeneralistEngine:
+class GeneralistEngine(Generalist):
     """One vLLM engine, started and stopped explicitly (or as an async context manager)."""
 
-    def __init__(
-        self,
-        model_path: Path | str,
-        max_model_len: int = 2048,
-        kv_cache_gib: float = 1.0,
-        max_concurrency: int = 8,
-        tensor_parallel_size: int = 1,
-        enforce_eager: bool = False,
-        dtype: str | None = None,
-        seed: int = 0,
-    ) -> None:
-        if max_model_len < 16:
-            raise InvalidArgument(f"max_model_len must be at least 16 tokens, got {max_model_len}")
-        if not kv_cache_gib > 0:
-            raise InvalidArgument(f"kv_cache_gib must be positive, got {kv_cache_gib}")
-        if max_concurrency < 1:
-            raise InvalidArgument(f"max_concurrency must be at least 1, got {max_concurrency}")
-        if tensor_parallel_size < 1:
-            raise InvalidArgument(f"tensor_parallel_size must be at least 1, got {tensor_parallel_size}")
-        self.model_path = Path(model_path)
-        if not (self.model_path / "config.json").is_file():
-            raise InvalidArgument(f"{self.model_path} is not a model folder (no config.json)")
-        self.max_model_len = max_model_len
-        self.kv_cache_gib = kv_cache_gib
-        self.max_concurrency = max_concurrency
-        self.tensor_parallel_size = tensor_parallel_size
-        # Eager mode skips torch.compile (and CUDA graphs): a faster start, slower decoding.
-        self.enforce_eager = enforce_eager
-        # None: float32 on CPU, the checkpoint's own dtype on GPU. vLLM-CPU would downcast to
-        # bfloat16, and its bfloat16 kernels died with SIGILL on a VM that reports AMX/AVX512-BF16
-        # (float32 ran on the same VM).
-        self.dtype = dtype
-        self.seed = seed
+    def __init__(self, args: GeneralistArgs) -> None:
+        self.args = args
+        self.model_path = Path(args.path)
+        # Checked here, before vLLM spends seconds loading weights only to refuse the window.
+        self.max_model_len = args.window()
+        self.max_concurrency = args.max_concurrency
         self.start_seconds: float | None = None  # how long the last start took
         self._engine: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -141,22 +90,27 @@ class GeneralistEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        settings = self.args
         kv_cache: dict[str, Any] = {}
-        dtype = self.dtype or ("float32" if current_platform.is_cpu() else "auto")
+        # No dtype: float32 on CPU, the checkpoint's own dtype on GPU. vLLM-CPU would downcast to
+        # bfloat16, and its bfloat16 kernels died with SIGILL on a VM that reports AMX/AVX512-BF16
+        # (float32 ran on the same VM).
+        dtype = settings.dtype or ("float32" if current_platform.is_cpu() else "auto")
         if current_platform.is_cpu():
             # vLLM-CPU sizes its KV cache from this variable, in whole GiB.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(self.kv_cache_gib)))
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(settings.kv_cache_gib)))
         else:
-            kv_cache["kv_cache_memory_bytes"] = int(self.kv_cache_gib * GiB)
+            kv_cache["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * GiB)
         args = AsyncEngineArgs(
             model=str(self.model_path),
             tokenizer=str(self.model_path),
             max_model_len=self.max_model_len,
             max_num_seqs=self.max_concurrency,
-            tensor_parallel_size=self.tensor_parallel_size,
-            enforce_eager=self.enforce_eager,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            # Eager mode skips torch.compile (and CUDA graphs): a faster start, slower decoding.
+            enforce_eager=settings.enforce_eager,
             dtype=cast("ModelDType", dtype),  # a caller's name; vLLM validates it
-            seed=self.seed,
+            seed=settings.seed,
             # The model folder's sampling defaults apply only to vLLM's own HTTP server; ours
             # come from each request.
             generation_config="vllm",
@@ -201,6 +155,15 @@ class GeneralistEngine:
     @property
     def ready(self) -> bool:
         return self._engine is not None and not self._engine.errored
+
+    @property
+    def placement(self) -> Placement:
+        """On a GPU box the engine holds its tensor-parallel GPUs; on CPU, the box's cores."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            return Placement(accelerator=False)
+        return Placement(accelerator=True, units=self.args.tensor_parallel_size)
 
     @property
     def in_flight(self) -> int:
@@ -307,7 +270,7 @@ class GeneralistEngine:
         self,
         prompt: str | None = None,
         messages: Sequence[Mapping[str, str]] | None = None,
-        max_tokens: int = 256,
+        max_tokens: int | None = None,
         temperature: float = 0.0,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
@@ -321,6 +284,8 @@ class GeneralistEngine:
         from vllm.sampling_params import RequestOutputKind
 
         engine = self._require_engine()
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_TOKENS
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not (isinstance(temperature, int | float) and 0.0 <= temperature <= 2.0):
@@ -382,7 +347,9 @@ class GeneralistEngine:
         """
         return max(len(label.encode("utf-8")) for label in labels) + 1
 
-    def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None = None) -> None:
+    async def check_label_set(
+        self, labels: Sequence[str], descriptions: Mapping[str, str] | None = None
+    ) -> None:
         """Raise ``InvalidArgument`` if this label set cannot be used for zero-shot classification.
 
         Call it when a policy is set up, not per request: the labels must be distinct non-empty

@@ -18,10 +18,11 @@ status: RESOURCE_EXHAUSTED when it is saturated, UNAVAILABLE when it is down.
 
 Cost of a generalist answer: the engine batches concurrent requests, so the requests of one call
 share its time. The call is charged the span from the first request's start to the last one's
-end (capped at the sum of the engine's own per-request times), times the units the engine holds,
-and each text gets its share by tokens. Requests of other calls running at the same time are not
-seen here, so under heavy concurrency this still over-counts; it never under-counts. A generalist
-answer also carries the specialist's cost: both were spent.
+end (capped at the sum of the engine's own per-request times); each text gets its share by
+tokens, priced by :func:`appliance.router.cost.price_generalist` (every unit the engine holds is
+charged). Requests of other calls running at the same time are not seen here, so under heavy
+concurrency this still over-counts; it never under-counts. A generalist answer also carries the
+specialist's cost: both were spent.
 """
 
 from __future__ import annotations
@@ -30,59 +31,20 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from appliance.engines.generalist_api import Generalist, ZeroShotResult
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument
-from appliance.router.cost import CostModel, share
+from appliance.router.cost import CostModel, generalist_units, price_generalist, share
 from appliance.router.escalations import DecisionRecord, EscalationRecord, EscalationStore
 from appliance.router.metrics import RouterMetrics
 from appliance.router.policy import check_label_set, needs_generalist, parse_policy, resolve_policy
-from appliance.types import Decision, Policy, Route
+from appliance.types import Decision, Policy, Route, SpecialistAnswer
+
+if TYPE_CHECKING:
+    from appliance.engines.specialist import Specialist
 
 DEFAULT_MAX_CONCURRENCY = 8
-
-
-class ZeroShotAnswer(Protocol):
-    """What the generalist returns for one text (``appliance.engines.generalist.ZeroShotResult``)."""
-
-    @property
-    def label(self) -> str: ...
-    @property
-    def confidence(self) -> float: ...
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def completion_tokens(self) -> int: ...
-    @property
-    def engine_seconds(self) -> float: ...
-
-
-class GeneralistClient(Protocol):
-    """The generalist as the router sees it: the in-process engine, or an adapter over a handle.
-
-    Optional attributes, read when present: ``accelerator`` (bool, default False: the engine runs
-    on CPU cores) and ``units`` (int: the cores or accelerators the engine holds; default all the
-    cost model's cores on CPU, all its accelerators on GPU).
-    """
-
-    async def classify(
-        self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None
-    ) -> ZeroShotAnswer: ...
-
-    def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None) -> Any: ...
-
-
-@dataclass(frozen=True)
-class SpecialistAnswer:
-    """The specialist's view of one text, before routing."""
-
-    top: list[tuple[str, float]]  # best first
-    probs: np.ndarray | None
-    truncated: bool
-    core_seconds: float  # this text's share of its batch's core time
-    latency_ms: float
 
 
 @dataclass(frozen=True)
@@ -114,9 +76,9 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class _Answered:
-    result: ZeroShotAnswer
+    result: ZeroShotResult
     wait_ms: float  # queueing for a slot plus the generalist's own time, as the caller saw it
-    unit_seconds: float  # this text's share of the engine's busy span, in cores or accelerators
+    engine_seconds: float  # this text's share of the engine's busy span
 
 
 # How long specialist-only decision rows may wait in memory before they are written.
@@ -126,7 +88,7 @@ FLUSH_INTERVAL_S = 0.5
 class Cascade:
     def __init__(
         self,
-        generalist: GeneralistClient | None,
+        generalist: Generalist | None,
         escalations: EscalationStore,
         cost: CostModel,
         metrics: RouterMetrics | None = None,
@@ -138,11 +100,8 @@ class Cascade:
         self.escalations = escalations
         self.cost = cost
         self.metrics = metrics
-        self.accelerator = bool(getattr(generalist, "accelerator", False))
-        if self.accelerator and cost.accelerators == 0:
-            raise InvalidArgument("the generalist runs on an accelerator, but the cost model counts none")
-        default_units = cost.accelerators if self.accelerator else cost.cores
-        self.units = int(getattr(generalist, "units", None) or default_units)
+        if generalist is not None:
+            generalist_units(cost, generalist.placement)  # a placement the cost model cannot price fails now
         self._slots = asyncio.Semaphore(max_concurrency)
         # Models whose label set the generalist cannot take, with the reason (set at load).
         self._unfit: dict[tuple[str, int], str] = {}
@@ -164,7 +123,7 @@ class Cascade:
             self._flusher.cancel()
         await self.flush()
 
-    async def check_model(self, model: Any) -> None:
+    async def check_model(self, model: ModelRef | Specialist) -> None:
         """At load: make sure the generalist can classify over this model's labels.
 
         A model whose default policy needs the generalist fails to load (FailedPrecondition); one
@@ -188,7 +147,7 @@ class Cascade:
 
     async def decide(
         self,
-        model: Any,
+        model: ModelRef | Specialist,
         answers: Sequence[SpecialistAnswer],
         policy: Policy | str | None,
         allow_fallback: bool = False,
@@ -231,16 +190,14 @@ class Cascade:
         for i, answer in enumerate(answers):
             label, confidence = answer.top[0]
             route, escalation_id, latency_ms = Route.SPECIALIST, "", answer.latency_ms
-            core, accel = answer.core_seconds, 0.0
+            cost = self.cost.price(answer.core_seconds)
             got = asked.get(i)
             if got is not None:
+                assert self.generalist is not None  # it answered
                 route, latency_ms = Route.GENERALIST, answer.latency_ms + got.wait_ms
-                if self.accelerator:
-                    accel = got.unit_seconds
-                else:
-                    core += got.unit_seconds
-            cost = self.cost.price(core, accel)
-            if got is not None:
+                cost = price_generalist(
+                    self.cost, self.generalist.placement, got.engine_seconds, core_seconds=answer.core_seconds
+                )
                 record = EscalationRecord(
                     model=ref.name,
                     model_version=ref.version,
@@ -306,7 +263,7 @@ class Cascade:
         descriptions = ref.label_descriptions or None
         known = set(ref.labels)
 
-        async def one(i: int) -> tuple[ZeroShotAnswer, float, float, float]:
+        async def one(i: int) -> tuple[ZeroShotResult, float, float, float]:
             queued = time.perf_counter()
             async with self._slots:
                 began = time.perf_counter()
@@ -331,9 +288,9 @@ class Cascade:
         span = max(o[3] for o in outcomes) - min(o[2] for o in outcomes)
         busy = min(span, sum(max(0.0, o[0].engine_seconds) for o in outcomes))
         tokens = [o[0].prompt_tokens + o[0].completion_tokens for o in outcomes]
-        parts = share(busy, self.units, tokens)
+        parts = share(busy, 1, tokens)
         return {
-            i: _Answered(result, wait_ms=1000.0 * (ended - queued), unit_seconds=part)
+            i: _Answered(result, wait_ms=1000.0 * (ended - queued), engine_seconds=part)
             for i, (result, queued, _began, ended), part in zip(wanted, outcomes, parts, strict=True)
         }
 

@@ -5,8 +5,9 @@ The unit of work is the *core-second* (one CPU core busy for one second) or the
 
 - the specialist: a batch that ran ``wall`` seconds on ``threads`` intra-op threads held
   ``wall * threads`` core-seconds; each text is charged its share by token count (:func:`share`);
-- the generalist: the span its requests of one call kept the engine busy, times the units the
-  engine holds (its cores on a CPU box, its GPUs on a GPU box), shared by tokens.
+- the generalist: the engine seconds a request kept it busy, times the units the engine holds
+  (its cores on a CPU box, its GPUs on a GPU box); :func:`price_generalist` is the one place
+  that prices them, for escalated texts (see the cascade) and for generations alike.
 
 Pricing splits the box's hourly price evenly over the units that do the work:
 
@@ -28,6 +29,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from appliance.engines.generalist_api import Placement
 from appliance.errors import InvalidArgument
 from appliance.types import Cost
 
@@ -95,6 +97,31 @@ class CostModel:
             price=amount,
             currency=self.currency,
         )
+
+
+def generalist_units(cost: CostModel, placement: Placement) -> int:
+    """The cores or accelerators the generalist's engine holds, as the cost model counts them."""
+    if placement.accelerator and cost.accelerators == 0:
+        raise InvalidArgument("the generalist runs on an accelerator, but the cost model counts none")
+    if placement.units is not None:
+        if placement.units < 1:
+            raise InvalidArgument(f"the generalist must hold at least one unit, got {placement.units}")
+        return placement.units
+    return cost.accelerators if placement.accelerator else cost.cores
+
+
+def price_generalist(
+    cost: CostModel, placement: Placement, engine_seconds: float, core_seconds: float = 0.0
+) -> Cost:
+    """The price of ``engine_seconds`` of the generalist's time, every unit it holds charged.
+
+    ``core_seconds`` is other CPU work spent on the same answer (the specialist's, for a text the
+    cascade escalated): both were spent, so both are charged.
+    """
+    busy = engine_seconds * generalist_units(cost, placement)
+    if placement.accelerator:
+        return cost.price(core_seconds, busy)
+    return cost.price(core_seconds + busy, 0.0)
 
 
 def share(wall_seconds: float, threads: int, tokens_per_text: Sequence[int]) -> list[float]:

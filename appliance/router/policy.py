@@ -13,10 +13,9 @@ Resolution, first match wins:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
 
+from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition, InvalidArgument
 from appliance.types import Policy
 
@@ -61,14 +60,8 @@ def needs_generalist(policy: Policy) -> bool:
     return policy is not Policy.SPECIALIST_ONLY
 
 
-class LabelSetChecker(Protocol):
-    """The generalist's load-time check; the in-process engine's is plain, a Serve handle's async."""
-
-    def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None) -> Any: ...
-
-
 async def check_label_set(
-    labels: Sequence[str], descriptions: Mapping[str, str] | None, generalist: LabelSetChecker | None
+    labels: Sequence[str], descriptions: Mapping[str, str] | None, generalist: Generalist | None
 ) -> None:
     """Fail now, not per request, when the generalist cannot classify over this label set.
 
@@ -78,9 +71,7 @@ async def check_label_set(
     if generalist is None:
         return
     try:
-        outcome = generalist.check_label_set(list(labels), dict(descriptions or {}))
-        if inspect.isawaitable(outcome):
-            await outcome
+        await generalist.check_label_set(list(labels), dict(descriptions or {}))
     except InvalidArgument as e:  # the label set's fault; Unavailable etc. pass through as they are
         raise FailedPrecondition(
             f"the generalist cannot classify over this model's {len(labels)} labels: {e.message}"

@@ -1,28 +1,35 @@
-"""The generalist as a Ray Serve deployment: one replica owns one vLLM engine.
+"""The generalist as a Ray Serve deployment (one replica owns one vLLM engine), and its client.
 
-Callers hold a ``DeploymentHandle``::
+The ingress holds a :class:`GeneralistClient`, which implements
+:class:`appliance.engines.generalist_api.Generalist` over the deployment's handle::
 
-    result = await handle.classify.remote(text, labels, descriptions)        # ZeroShotResult
-    async for chunk in handle.options(stream=True).generate.remote(request):  # GenerationChunk
+    result = await client.classify(text, labels, descriptions)   # ZeroShotResult
+    async for chunk in client.generate(prompt="..."):             # GenerationChunk, the last priced
         ...
 
 Errors raised by the engine (``InvalidArgument``, ``ResourceExhausted``, ``Unavailable``) reach
-the caller as exceptions that are also instances of those classes. When the engine core dies,
-``check_health`` fails and Serve replaces the replica.
+the caller as exceptions that are also instances of those classes; Ray's own failures (a replica
+being replaced, back-pressure) are mapped to ``Unavailable`` and ``ResourceExhausted``. When the
+engine core dies, ``check_health`` fails and Serve replaces the replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
 from appliance.config import OFFLINE_ENV, apply_offline_env
-from appliance.engines.generalist import GeneralistEngine, GenerationChunk, ZeroShotResult
-from appliance.errors import InvalidArgument
+from appliance.engines.generalist import GeneralistEngine
+from appliance.engines.generalist_api import Generalist, GenerationChunk, Placement, ZeroShotResult
+from appliance.engines.generalist_args import GeneralistArgs
+from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted, Unavailable
+from appliance.router.cost import CostModel, price_generalist
 
 GENERATE_FIELDS = frozenset({"prompt", "messages", "max_tokens", "temperature", "stop", "request_id"})
 # Calls beyond the engine's own limit that Serve should still let through: readiness and
@@ -42,26 +49,9 @@ EXTRA_ONGOING = 8
 )
 class GeneralistDeployment:
     # Ray Serve awaits an async constructor; type checkers only know synchronous ones.
-    async def __init__(  # type: ignore[misc]
-        self,
-        model_path: str,
-        max_model_len: int = 2048,
-        kv_cache_gib: float = 1.0,
-        max_concurrency: int = 8,
-        tensor_parallel_size: int = 1,
-        enforce_eager: bool = False,
-        dtype: str | None = None,
-    ) -> None:
+    async def __init__(self, args: GeneralistArgs) -> None:  # type: ignore[misc]
         apply_offline_env()
-        self._engine = GeneralistEngine(
-            Path(model_path),
-            max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib,
-            max_concurrency=max_concurrency,
-            tensor_parallel_size=tensor_parallel_size,
-            enforce_eager=enforce_eager,
-            dtype=dtype,
-        )
+        self._engine = GeneralistEngine(args)
         await self._engine.start()
 
     async def __del__(self) -> None:
@@ -74,7 +64,7 @@ class GeneralistDeployment:
         return self._engine.ready
 
     async def info(self) -> dict[str, Any]:
-        """Limits and state, for the router and for status pages."""
+        """Limits and state, for status pages."""
         engine = self._engine
         return {
             "model_path": str(engine.model_path),
@@ -88,12 +78,16 @@ class GeneralistDeployment:
     async def check_label_set(
         self, labels: Sequence[str], descriptions: Mapping[str, str] | None = None
     ) -> None:
-        self._engine.check_label_set(labels, descriptions)
+        await self._engine.check_label_set(labels, descriptions)
 
     async def classify(
-        self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None = None
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
     ) -> ZeroShotResult:
-        return await self._engine.classify(text, labels, descriptions)
+        return await self._engine.classify(text, labels, descriptions, request_id)
 
     async def generate(self, request: Mapping[str, Any]) -> AsyncIterator[GenerationChunk]:
         """Stream a generation; ``request`` holds :meth:`GeneralistEngine.generate`'s arguments."""
@@ -106,38 +100,115 @@ class GeneralistDeployment:
             yield chunk
 
 
-def generalist_app(
-    model_path: Path | str,
-    *,
-    max_model_len: int = 2048,
-    kv_cache_gib: float = 1.0,
-    max_concurrency: int = 8,
-    num_gpus: int = 0,
-    tensor_parallel_size: int = 1,
-    enforce_eager: bool = False,
-    dtype: str | None = None,
-    num_replicas: int = 1,
-) -> Application:
+def generalist_app(args: GeneralistArgs) -> Application:
     """The deployment sized for its box: CPU only, or ``tensor_parallel_size`` GPUs per replica."""
-    if num_gpus and num_gpus != tensor_parallel_size:
-        raise InvalidArgument(
-            f"a generalist replica uses one GPU per tensor-parallel rank: num_gpus={num_gpus} "
-            f"but tensor_parallel_size={tensor_parallel_size}"
-        )
     actor_options: dict[str, Any] = {"num_cpus": 1, "runtime_env": {"env_vars": dict(OFFLINE_ENV)}}
-    if num_gpus:
-        actor_options["num_gpus"] = num_gpus
+    if args.num_gpus:
+        actor_options["num_gpus"] = args.num_gpus
     # @serve.deployment made the class a Deployment, which the type checker cannot see.
     return GeneralistDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=num_replicas,
-        max_ongoing_requests=max_concurrency + EXTRA_ONGOING,
+        num_replicas=args.num_replicas,
+        max_ongoing_requests=args.max_concurrency + EXTRA_ONGOING,
         ray_actor_options=actor_options,
-    ).bind(
-        str(model_path),
-        max_model_len=max_model_len,
-        kv_cache_gib=kv_cache_gib,
-        max_concurrency=max_concurrency,
-        tensor_parallel_size=tensor_parallel_size,
-        enforce_eager=enforce_eager,
-        dtype=dtype,
-    )
+    ).bind(args)
+
+
+def placement_of(args: GeneralistArgs) -> Placement:
+    """Where the deployment's replicas run: on their GPUs, or on the box's cores."""
+    return Placement(accelerator=True, units=args.num_gpus) if args.num_gpus else Placement()
+
+
+def _mapped(exc: Exception) -> ApplianceError:
+    """A Ray error from the generalist deployment as the status the caller should see."""
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, ApplianceError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return ResourceExhausted("the generalist is overloaded; retry later")
+    return Unavailable(f"the generalist is unavailable ({type(exc).__name__}); it is being restarted")
+
+
+class GeneralistClient(Generalist):
+    """The generalist deployment seen from the ingress; its generations come back priced."""
+
+    def __init__(self, handle: DeploymentHandle[Any], cost: CostModel, placement: Placement) -> None:
+        self._handle = handle
+        self._cost = cost
+        self._placement = placement
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    async def watch(self) -> None:
+        """Keep :attr:`ready` current (a replica being replaced is not ready until it answers)."""
+        while True:
+            try:
+                self._ready = bool(await self._handle.ready.remote())
+            except Exception:
+                self._ready = False
+            await asyncio.sleep(1.0 if self._ready else 0.5)
+
+    async def check_health(self) -> None:
+        try:
+            await self._handle.check_health.remote()
+        except Exception as exc:
+            raise _mapped(exc) from exc
+
+    async def check_label_set(
+        self, labels: Sequence[str], descriptions: Mapping[str, str] | None = None
+    ) -> None:
+        try:
+            await self._handle.check_label_set.remote(list(labels), dict(descriptions or {}))
+        except Exception as exc:
+            raise _mapped(exc) from exc
+
+    async def classify(
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> ZeroShotResult:
+        try:
+            result: ZeroShotResult = await self._handle.classify.remote(
+                text, list(labels), dict(descriptions or {}), request_id
+            )
+        except Exception as exc:
+            raise _mapped(exc) from exc
+        return result
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        request = {
+            "prompt": prompt,
+            "messages": [dict(m) for m in messages] if messages is not None else None,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stop": list(stop) if stop else None,
+            "request_id": request_id,
+        }
+        stream: Any = self._handle.options(stream=True).generate.remote(
+            {k: v for k, v in request.items() if v is not None}
+        )
+        try:
+            async for chunk in stream:
+                if chunk.finished:  # the last chunk carries the usage; price it here
+                    cost = price_generalist(self._cost, self._placement, chunk.engine_seconds)
+                    chunk = dataclasses.replace(chunk, cost=cost)
+                yield chunk
+        except Exception as exc:
+            raise _mapped(exc) from exc

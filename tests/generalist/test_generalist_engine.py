@@ -1,5 +1,8 @@
 """The generalist engine on a real vLLM engine (CPU), with the tiny random Llama.
 
+The model folder says it has 1024 positions and no window is configured: the engine must derive
+its window from the folder (the default, 2048, would not start).
+
 One engine serves the whole module: it takes tens of seconds to start on two cores. The model is
 random, so the tests check properties that hold for any model: streaming shape, usage counts,
 greedy determinism, stop strings, the label constraint, and the errors for bad input.
@@ -17,12 +20,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from appliance.engines.generalist import GeneralistEngine, GenerationChunk
+from appliance.engines.generalist import GeneralistEngine
+from appliance.engines.generalist_api import GenerationChunk
+from appliance.engines.generalist_args import GeneralistArgs
 from appliance.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-WINDOW = 1024
+WINDOW = 1024  # the model folder's max_position_embeddings (conftest.SHORT_POSITIONS)
 MAX_CONCURRENCY = 3
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "lost_or_stolen_card", "top_up_failed", "refund"]
 DESCRIPTIONS = {
@@ -32,10 +37,11 @@ DESCRIPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llm: Path, loop: asyncio.AbstractEventLoop) -> Iterator[GeneralistEngine]:
-    eng = GeneralistEngine(
-        tiny_llm, max_model_len=WINDOW, kv_cache_gib=1, max_concurrency=MAX_CONCURRENCY, enforce_eager=True
+def engine(short_llm: Path, loop: asyncio.AbstractEventLoop) -> Iterator[GeneralistEngine]:
+    args = GeneralistArgs(
+        path=str(short_llm), kv_cache_gib=1, max_concurrency=MAX_CONCURRENCY, enforce_eager=True
     )
+    eng = GeneralistEngine(args)
     loop.run_until_complete(eng.start())
     yield eng
     loop.run_until_complete(eng.stop())
@@ -58,6 +64,20 @@ def banking_texts(n: int) -> list[str]:
         rows = [row["text"] for row in csv.DictReader(f)]
     stride = len(rows) // n
     return rows[::stride][:n]
+
+
+def test_the_window_comes_from_the_model_folder_and_vllm_runs_with_it(engine, loop) -> None:
+    assert engine.max_model_len == WINDOW
+    # A prompt that leaves a few tokens of room: vLLM takes it, and the output stops at the window.
+    prompt = "please block my"
+    while len(engine.tokenizer(prompt + " card")["input_ids"]) <= WINDOW - 4:
+        prompt += " card"
+    n = len(engine.tokenizer(prompt)["input_ids"])
+    assert WINDOW - 6 <= n <= WINDOW - 4
+    final = collect(loop, engine.generate(prompt=prompt, max_tokens=64))[-1]
+    assert final.prompt_tokens == n
+    assert 1 <= final.completion_tokens <= WINDOW - n
+    assert final.finish_reason == ("length" if final.completion_tokens == WINDOW - n else "stop")
 
 
 def test_streaming_generate_yields_deltas_then_a_final_chunk_with_usage(engine, loop) -> None:
@@ -182,14 +202,14 @@ def test_more_requests_than_the_limit_are_refused_at_once(engine, loop) -> None:
     loop.run_until_complete(scenario())
 
 
-def test_label_sets_are_checked_at_set_up_time(engine) -> None:
-    engine.check_label_set(LABELS, DESCRIPTIONS)  # fits: no error
+def test_label_sets_are_checked_at_set_up_time(engine, loop) -> None:
+    loop.run_until_complete(engine.check_label_set(LABELS, DESCRIPTIONS))  # fits: no error
     too_many = [f"intent_{i:04d}" for i in range(400)]
     with pytest.raises(InvalidArgument, match=r"needs \d+ tokens .* window is 1024"):
-        engine.check_label_set(too_many)
+        loop.run_until_complete(engine.check_label_set(too_many))
     long_descriptions = {label: "a long description of this intent " * 30 for label in LABELS}
     with pytest.raises(InvalidArgument, match="window"):
-        engine.check_label_set(LABELS, long_descriptions)
+        loop.run_until_complete(engine.check_label_set(LABELS, long_descriptions))
     for labels, descriptions in [
         (["only_one"], None),
         (["a", "a"], None),
@@ -197,11 +217,11 @@ def test_label_sets_are_checked_at_set_up_time(engine) -> None:
         (["a", "b"], {"c": "not a label"}),
     ]:
         with pytest.raises(InvalidArgument):
-            engine.check_label_set(labels, descriptions)
+            loop.run_until_complete(engine.check_label_set(labels, descriptions))
 
 
 def test_an_engine_that_is_not_started_is_unavailable(tiny_llm, loop) -> None:
-    idle = GeneralistEngine(tiny_llm, max_model_len=WINDOW)
+    idle = GeneralistEngine(GeneralistArgs(path=str(tiny_llm), max_model_len=WINDOW))
     assert not idle.ready
     with pytest.raises(Unavailable, match="not started"):
         loop.run_until_complete(idle.check_health())

@@ -10,7 +10,8 @@ import ray
 from ray import serve
 
 from appliance.config import OFFLINE_ENV
-from appliance.engines.generalist import GenerationChunk, ZeroShotResult
+from appliance.engines.generalist_api import GenerationChunk, ZeroShotResult
+from appliance.engines.generalist_args import GeneralistArgs
 from appliance.errors import InvalidArgument
 from appliance.serve.generalist import generalist_app
 
@@ -24,9 +25,10 @@ def handle(tiny_llm: Path) -> Iterator[serve.handle.DeploymentHandle]:
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(OFFLINE_ENV)})
     try:
         serve.start(proxy_location="Disabled")
-        app = generalist_app(
-            tiny_llm, max_model_len=512, kv_cache_gib=1, max_concurrency=4, enforce_eager=True
+        args = GeneralistArgs(
+            path=str(tiny_llm), max_model_len=512, kv_cache_gib=1, max_concurrency=4, enforce_eager=True
         )
+        app = generalist_app(args)
         yield serve.run(app, name="generalist", route_prefix=None)
     finally:
         serve.shutdown()

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from appliance.engines.generalist_api import Placement
 from appliance.errors import InvalidArgument
-from appliance.router.cost import CostModel, share
+from appliance.router.cost import CostModel, price_generalist, share
 
 
 def test_a_cpu_box_splits_its_hourly_price_evenly_over_its_cores() -> None:
@@ -30,6 +31,23 @@ def test_a_gpu_box_charges_the_accelerators_and_lets_cores_ride_free_by_default(
     assert model.price_per_accelerator_second == pytest.approx(0.001)
     cost = model.price(core_seconds=100.0, accelerator_seconds=3.0)
     assert cost.price == pytest.approx(0.003)
+
+
+def test_generalist_time_is_charged_for_every_unit_the_engine_holds() -> None:
+    cpu_box = CostModel(price_per_hour=3.6, cores=4)
+    # On CPU the engine holds all the cores: 2 s of engine time are 8 core-seconds.
+    cost = price_generalist(cpu_box, Placement(), engine_seconds=2.0, core_seconds=0.5)
+    assert (cost.core_seconds, cost.accelerator_seconds) == (8.5, 0.0)
+    assert cost.price == pytest.approx(8.5 * 0.00025)
+    gpu_box = CostModel(price_per_hour=7.2, cores=32, accelerators=4)
+    # A two-GPU tensor-parallel engine on a four-GPU box: 3 s are 6 accelerator-seconds.
+    cost = price_generalist(gpu_box, Placement(accelerator=True, units=2), 3.0, core_seconds=1.0)
+    assert (cost.core_seconds, cost.accelerator_seconds) == (1.0, 6.0)
+    assert cost.price == pytest.approx(6.0 * 7.2 / 3600 / 4)
+    # Without units, every accelerator the cost model counts.
+    assert price_generalist(gpu_box, Placement(accelerator=True), 1.0).accelerator_seconds == 4.0
+    with pytest.raises(InvalidArgument, match="counts none"):
+        price_generalist(cpu_box, Placement(accelerator=True), 1.0)
 
 
 def test_a_cpu_share_moves_that_fraction_of_the_price_to_the_cores() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
 
 import pytest
 from scripted_generalist import ScriptedGeneralist
@@ -80,25 +79,14 @@ def test_without_a_generalist_there_is_nothing_to_check() -> None:
     asyncio.run(check_label_set([f"l{i}" for i in range(1000)], None, None))
 
 
-class AsyncChecker:
-    """A checker whose method is a coroutine, as on a Ray Serve handle's deployment."""
-
-    def __init__(self, error: Exception | None) -> None:
-        self.error = error
-        self.seen: list[tuple[list[str], dict[str, str]]] = []
-
-    async def check_label_set(self, labels: Sequence[str], descriptions: Mapping[str, str] | None) -> None:
-        self.seen.append((list(labels), dict(descriptions or {})))
-        if self.error is not None:
-            raise self.error
-
-
-def test_an_async_check_is_awaited_and_only_label_errors_become_failed_precondition() -> None:
-    ok = AsyncChecker(None)
+def test_the_check_sees_the_label_set_and_only_label_errors_become_failed_precondition() -> None:
+    ok = ScriptedGeneralist()
     asyncio.run(check_label_set(("x", "y"), {"x": "ex"}, ok))
-    assert ok.seen == [(["x", "y"], {"x": "ex"})]
+    assert ok.checked == [(["x", "y"], {"x": "ex"})]
     with pytest.raises(FailedPrecondition, match="too long"):
-        asyncio.run(check_label_set(["x", "y"], None, AsyncChecker(InvalidArgument("too long"))))
+        asyncio.run(
+            check_label_set(["x", "y"], None, ScriptedGeneralist(check_error=InvalidArgument("too long")))
+        )
     # A dead generalist is not the label set's fault: it keeps its own status.
     with pytest.raises(Unavailable):
-        asyncio.run(check_label_set(["x", "y"], None, AsyncChecker(Unavailable("down"))))
+        asyncio.run(check_label_set(["x", "y"], None, ScriptedGeneralist(check_error=Unavailable("down"))))

@@ -19,12 +19,13 @@ import pytest
 
 from appliance.config import apply_offline_env
 from appliance.engines.generalist import GeneralistEngine
+from appliance.engines.generalist_args import GeneralistArgs
 from appliance.engines.tiny_llm import build_tiny_llm
 from appliance.errors import FailedPrecondition
-from appliance.router.cascade import Cascade, ModelRef, SpecialistAnswer
+from appliance.router.cascade import Cascade, ModelRef
 from appliance.router.cost import CostModel
 from appliance.router.escalations import EscalationStore
-from appliance.types import Policy, Route
+from appliance.types import Policy, Route, SpecialistAnswer
 
 apply_offline_env()
 
@@ -58,7 +59,8 @@ def model(labels: list[str], threshold: float = 0.8, policy: Policy = Policy.CAS
 
 
 def test_a_label_set_too_large_for_the_engine_window_fails_at_load(tiny_llm: Path, tmp_path: Path) -> None:
-    engine = GeneralistEngine(tiny_llm, max_model_len=WINDOW)  # the check needs only its tokenizer
+    # The check needs only the engine's tokenizer: it is not started.
+    engine = GeneralistEngine(GeneralistArgs(path=str(tiny_llm), max_model_len=WINDOW))
     with EscalationStore(tmp_path / "e.db") as store:
         cascade = Cascade(engine, store, CostModel(cores=2))
         asyncio.run(cascade.check_model(model(LABELS)))
@@ -71,9 +73,10 @@ def test_a_label_set_too_large_for_the_engine_window_fails_at_load(tiny_llm: Pat
 def test_escalations_go_through_vllm_and_are_recorded(
     tiny_llm: Path, tmp_path: Path, loop: asyncio.AbstractEventLoop
 ) -> None:
-    engine = GeneralistEngine(
-        tiny_llm, max_model_len=WINDOW, kv_cache_gib=1, max_concurrency=4, enforce_eager=True
+    args = GeneralistArgs(
+        path=str(tiny_llm), max_model_len=WINDOW, kv_cache_gib=1, max_concurrency=4, enforce_eager=True
     )
+    engine = GeneralistEngine(args)
     loop.run_until_complete(engine.start())
     db = tmp_path / "e.db"
     try:
