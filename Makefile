@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   install, build the Banking77 specialist if absent, serve it, classify over gRPC
-#   make test   install, then run the whole test suite
+#   make test   install, then run the whole test suite (make test-fast: the unit tests alone)
 # Both are safe to run twice: the install step reruns only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 PROFILE ?= cpu
 
-.PHONY: install demo serve test lint bench clean
+.PHONY: install demo serve test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ serve: install
 
 test: install
 	$(BIN)/pytest
+
+# the unit tests alone (no server, engine start or training): under two minutes on 2 cores
+test-fast: install
+	$(BIN)/pytest -q -m "not slow and not integration"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
