@@ -10,10 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from appliance.types import ClassifyOutcome, EmbedOutcome, ModelDescription, Policy
+from appliance.types import ClassifyOutcome, EmbedOutcome, Limits, ModelDescription, Policy
 
 
 class Backend(Protocol):
+    @property
+    def limits(self) -> Limits:
+        """Texts per call and bytes per text; a front end that must decode a request's texts
+        itself (KServe) checks these first, so an oversized request costs it no decoding."""
+        ...
+
     async def classify(
         self,
         model: str,

@@ -33,7 +33,7 @@ from appliance.api.boundary import Boundary
 from appliance.errors import ApplianceError, InvalidArgument, NotFound
 from appliance.serve.metrics import ServingMetrics
 from appliance.store import parse_version
-from appliance.types import ClassifyOutcome, ModelDescription
+from appliance.types import ClassifyOutcome, Limits, ModelDescription
 
 INPUT_TEXT = "TEXT"
 OUTPUT_LABEL = "LABEL"
@@ -61,11 +61,16 @@ def encode_raw_bytes(elements: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def decode_raw_bytes(raw: bytes) -> list[bytes]:
-    """Split raw BYTES contents into elements; InvalidArgument if a length runs past the end."""
+def decode_raw_bytes(raw: bytes, count: int | None = None) -> list[bytes]:
+    """Split raw BYTES contents into elements; InvalidArgument if a length runs past the end, or
+    if there are more than ``count`` elements (found after ``count`` steps, however many follow)."""
     elements: list[bytes] = []
     offset = 0
     while offset < len(raw):
+        if count is not None and len(elements) == count:
+            raise InvalidArgument(
+                f"input {INPUT_TEXT!r} has shape [{count}] but carries more than {count} element(s)"
+            )
         if offset + _LENGTH.size > len(raw):
             raise InvalidArgument(
                 f"malformed raw BYTES contents: {len(raw) - offset} trailing byte(s) at offset {offset} "
@@ -105,7 +110,8 @@ def _version(version: str) -> int:
     return parse_version(version, where=f"model_version {version}")
 
 
-def _text_elements(request: pb.ModelInferRequest) -> list[bytes]:
+def _text_elements(request: pb.ModelInferRequest, limits: Limits) -> list[bytes]:
+    """The TEXT elements, undecoded, after the shape and every size are checked against ``limits``."""
     if len(request.inputs) != 1:
         names = [t.name for t in request.inputs]
         raise InvalidArgument(f"expected exactly one input tensor {INPUT_TEXT!r}, got {names}")
@@ -121,6 +127,8 @@ def _text_elements(request: pb.ModelInferRequest) -> list[bytes]:
     count = tensor.shape[0]
     if count < 1:
         raise InvalidArgument(f"input {INPUT_TEXT!r} must hold at least one text, shape is [{count}]")
+    if count > limits.max_texts_per_call:
+        raise InvalidArgument(f"{count} texts in one call; the limit is {limits.max_texts_per_call}")
 
     if request.raw_input_contents:
         if tensor.HasField("contents"):
@@ -129,13 +137,17 @@ def _text_elements(request: pb.ModelInferRequest) -> list[bytes]:
             raise InvalidArgument(
                 f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input"
             )
-        elements = decode_raw_bytes(request.raw_input_contents[0])
+        elements = decode_raw_bytes(request.raw_input_contents[0], count)
     else:
         elements = list(tensor.contents.bytes_contents)
     if len(elements) != count:
         raise InvalidArgument(
             f"input {INPUT_TEXT!r} has shape [{count}] but carries {len(elements)} element(s)"
         )
+    most = limits.max_text_bytes
+    for i, element in enumerate(elements):
+        if len(element) > most:
+            raise InvalidArgument(f"text {i} is {len(element)} bytes; the limit is {most} bytes")
     return elements
 
 
@@ -153,10 +165,11 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_infer_request(request: pb.ModelInferRequest) -> _ParsedInfer:
-    """Validate a ModelInferRequest; raises InvalidArgument with a message for the caller."""
+def parse_infer_request(request: pb.ModelInferRequest, limits: Limits) -> _ParsedInfer:
+    """Validate a ModelInferRequest; raises InvalidArgument with a message for the caller. Texts
+    are decoded only once their count and sizes are within ``limits``."""
     ref = _model_ref(request.model_name, request.model_version)
-    elements = _text_elements(request)
+    elements = _text_elements(request, limits)
     texts: list[str] = []
     for i, element in enumerate(elements):
         try:
@@ -322,7 +335,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def run() -> pb.ModelInferResponse:
             _model_ref(request.model_name, request.model_version)
             try:
-                parsed = parse_infer_request(request)
+                parsed = parse_infer_request(request, self._backend.limits)
             except InvalidArgument:
                 # An unknown model is NOT_FOUND even when the tensors are also wrong.
                 self._backend.describe(request.model_name)

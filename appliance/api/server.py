@@ -31,7 +31,7 @@ from appliance.api.kserve import KServeServicer, reflection_pool
 from appliance.api.servicers import AdminServicer, GenerationServicer, InferenceServicer, ModelServicer
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition
-from appliance.security.interceptor import is_loopback
+from appliance.network import is_loopback
 from appliance.serve.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class ServerSettings:
     open_reflection: bool = False
     audit_texts: bool = False
     max_message_bytes: int = 32 * MiB
+    # Calls in progress at once (health checks included); one more is RESOURCE_EXHAUSTED at once,
+    # which bounds the memory that queued requests of up to max_message_bytes can hold.
+    max_concurrent_rpcs: int = 1024
     grace_seconds: float = 5.0
 
     @property
@@ -121,6 +124,7 @@ class ApplianceServer:
         limit = self.settings.max_message_bytes
         server = grpc.aio.server(
             interceptors=self._interceptors(),
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -58,6 +58,7 @@ class AppArgs(BaseModel):
     open_reflection: bool = False
     audit_texts: bool = False
     metrics_port: int | None = Field(9464, ge=0, le=65535)
+    max_concurrent_rpcs: int = Field(1024, ge=1)  # per replica's gRPC server
     limits: LimitsArgs = LimitsArgs()
     batch: BatchSettings = BatchSettings()
     intra_op_threads: int = Field(0, ge=0)
@@ -85,7 +86,7 @@ class Ingress:
     ) -> None:
         apply_offline_env()
         from appliance.api.server import ApplianceServer, ServerSettings
-        from appliance.serve.metrics import ServingMetrics, start_metrics_server
+        from appliance.serve.metrics import ServingMetrics
         from appliance.serve.runtime import RuntimeSettings, ServingRuntime
         from appliance.store import ModelStore
         from appliance.types import Limits
@@ -93,9 +94,7 @@ class Ingress:
         self.args = a = AppArgs.model_validate(args)
         home = Path(a.home) if a.home else appliance_home()
         metrics = ServingMetrics()
-        self.metrics_port = (
-            start_metrics_server(metrics, a.metrics_port) if a.metrics_port is not None else None
-        )
+        self.metrics_port = _start_metrics(metrics, a.metrics_port)
         cost = CostModel(
             price_per_hour=a.price_per_hour,
             currency=a.currency,
@@ -133,6 +132,7 @@ class Ingress:
                 auth=a.auth,
                 open_reflection=a.open_reflection,
                 audit_texts=a.audit_texts,
+                max_concurrent_rpcs=a.max_concurrent_rpcs,
             ),
             metrics=metrics,
             generalist=self.generalist,
@@ -153,6 +153,10 @@ class Ingress:
     async def ready(self) -> bool:
         return self.runtime.is_ready()
 
+    async def waiting(self) -> dict[str, str]:
+        """Configured models not serving yet, each with what it waits for."""
+        return self.runtime.waiting()
+
     async def check_health(self) -> None:
         if self.server.port == 0:
             raise RuntimeError("the gRPC server is not running")
@@ -161,6 +165,22 @@ class Ingress:
         for task in self._tasks:
             task.cancel()
         await self.server.stop()
+
+
+def _start_metrics(metrics: ServingMetrics, port: int | None) -> int | None:
+    """The bound Prometheus port (``port`` 0: a free one), or None when metrics are off."""
+    from appliance.serve.metrics import start_metrics_server
+
+    if port is None:
+        return None
+    try:
+        return start_metrics_server(metrics, port)
+    except OSError as exc:  # the launcher shows this line to the operator: say which port and what to do
+        raise OSError(
+            exc.errno,
+            f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror} "
+            "(choose another with --metrics-port, 0 for a free one)",
+        ) from exc
 
 
 def build_router(

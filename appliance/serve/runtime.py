@@ -34,7 +34,7 @@ import numpy as np
 from appliance.artifact.manifest import SpecialistManifest
 from appliance.artifact.maths import l2_normalize
 from appliance.batching import BatchSettings
-from appliance.engines.encoder import EncoderConfig, OnnxEncoder, cores
+from appliance.engines.encoder import EncoderConfig, OnnxEncoder, Tokenized, cores
 from appliance.engines.specialist import Specialist, load_specialist
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from appliance.router.interface import Router
@@ -54,6 +54,10 @@ from appliance.types import (
 )
 
 log = logging.getLogger(__name__)
+
+# A window token is rarely more than a few characters of text; 32 keeps every token a real text
+# could put in the window while bounding the tokenizer's work per text (tokenize_window).
+CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -472,6 +476,10 @@ class ServingRuntime:
         return out
 
     # ------------------------------------------------------------------ inference
+    @property
+    def limits(self) -> Limits:
+        return self.settings.limits
+
     def _check_texts(self, texts: Sequence[str]) -> None:
         lim = self.settings.limits
         if not texts:
@@ -493,7 +501,9 @@ class ServingRuntime:
         if self.draining:
             raise Unavailable("the server is shutting down")
         lane = self._lanes[spec.manifest.encoder_id]
-        tokenized = spec.encoder.tokenize(texts)
+        # Off the event loop: a full call of long texts takes the tokenizer a while, and health
+        # checks and every other RPC wait for the loop.
+        tokenized = await asyncio.to_thread(tokenize_window, spec.encoder, texts)
         deadline = None if timeout is None else time.monotonic() + timeout
         results = await lane.batcher.submit([(ids, row) for ids in tokenized.ids], deadline)
         return results, tokenized.truncated
@@ -548,6 +558,16 @@ class ServingRuntime:
         results, truncated = await self._batched(spec, texts, None, timeout)
         vectors = np.stack([r.vector for r in results if r.vector is not None])
         return EmbedOutcome(spec.name, spec.version, vectors, truncated)
+
+
+def tokenize_window(encoder: OnnxEncoder, texts: Sequence[str]) -> Tokenized:
+    """Token ids for the encoder's window. Texts are first cut to ``CHARS_PER_TOKEN`` characters
+    per window token, so a 64 KiB text costs the tokenizer no more than a window's worth; a cut
+    text is reported truncated even if its cut part fits the window."""
+    bound = encoder.config.max_length * CHARS_PER_TOKEN
+    tokenized = encoder.tokenize([text[:bound] for text in texts])
+    cut = [len(text) > bound or over for text, over in zip(texts, tokenized.truncated, strict=True)]
+    return Tokenized(tokenized.ids, cut)
 
 
 def _specialist_decision(answer: SpecialistAnswer) -> Decision:

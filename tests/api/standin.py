@@ -55,6 +55,8 @@ def keyword_probs(text: str) -> np.ndarray:
 class KeywordBackend(Backend):
     """Serves one classifier, ``intents`` version 3; ``warm`` says whether it is ready."""
 
+    limits = LIMITS
+
     def __init__(self, warm: bool = True) -> None:
         self.warm = warm
         self.calls: list[tuple[str, list[str], float | None]] = []  # (model, texts, timeout)

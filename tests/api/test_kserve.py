@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from standin import LABELS, KeywordBackend, keyword_probs, serve_in_thread
+from standin import LABELS, LIMITS, KeywordBackend, keyword_probs, serve_in_thread
 from tritonclient.utils import InferenceServerException
 
 from appliance._proto.inference import grpc_service_pb2 as pb
@@ -242,11 +242,37 @@ def test_unknown_output_and_backend_limits_are_invalid_arguments(
         outputs=[triton.InferRequestedOutput("EMBEDDING")],
     )
     assert "unknown output 'EMBEDDING'" in message
-    # The backend's own validation reaches the client with its status and message.
+    # The backend's limits, checked before any text is decoded.
     message = _expect_status(
         grpc.StatusCode.INVALID_ARGUMENT, client.infer, "intents", [_text_input(["x"] * 65)]
     )
-    assert "exceed the limit of 64" in message
+    assert "65 texts in one call; the limit is 64" in message
+
+
+def test_limits_are_checked_before_any_text_is_decoded(
+    stub: pb_grpc.GRPCInferenceServiceStub, backend: KeywordBackend
+) -> None:
+    calls = len(backend.calls)
+    oversized = b"\xff" * (LIMITS.max_text_bytes + 1)  # not UTF-8 either: its size is the complaint
+    typed_big = _typed_request(["ok"])
+    typed_big.inputs[0].contents.bytes_contents.append(oversized)
+    typed_big.inputs[0].shape[0] = 2
+    raw_big = pb.ModelInferRequest(model_name="intents", raw_input_contents=[encode_raw_bytes([oversized])])
+    raw_big.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    raw_three = pb.ModelInferRequest(model_name="intents", raw_input_contents=[encode_raw_bytes([b"a"] * 3)])
+    raw_three.inputs.add(name="TEXT", datatype="BYTES", shape=[2])
+    cases = [
+        (typed_big, f"text 1 is {len(oversized)} bytes; the limit is {LIMITS.max_text_bytes} bytes"),
+        (raw_big, f"text 0 is {len(oversized)} bytes; the limit is {LIMITS.max_text_bytes} bytes"),
+        (_typed_request(["a"] * 65), "65 texts in one call; the limit is 64"),
+        (raw_three, "shape [2] but carries more than 2 element(s)"),
+    ]
+    for request, complaint in cases:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert complaint in caught.value.details()
+    assert len(backend.calls) == calls  # refused in the front end, before the backend
 
 
 @pytest.mark.parametrize(
