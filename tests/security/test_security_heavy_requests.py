@@ -110,3 +110,25 @@ def test_health_answers_promptly_while_heavy_classify_calls_run(home: Path) -> N
         f"slowest health check {max(latencies):.3f} s over {len(latencies)} checks, "
         f"while heavy calls took {[round(d, 1) for d in done]} s"
     )
+
+
+def test_calls_past_max_concurrent_rpcs_are_refused_at_once(home: Path) -> None:
+    token = TokenStore(home / "tokens" / "tokens.json").create("one-at-a-time", [f"classify:{MODEL}"])
+    texts = [LONG_TEXT] * LIMITS.max_texts_per_call
+    request = health_pb2.HealthCheckRequest(service="appliance.v1.InferenceService")
+    with LiveServer(home, max_concurrent_rpcs=1) as live, live.client(token) as client:
+        health = health_pb2_grpc.HealthStub(client.channel)
+        answers: list[int] = []
+        heavy = threading.Thread(
+            target=lambda: answers.append(len(client.classify(MODEL, texts, timeout=300).results))
+        )
+        heavy.start()
+        time.sleep(1.0)  # the heavy call is being served: it takes seconds
+        try:
+            with pytest.raises(grpc.RpcError) as refused:
+                health.Check(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            heavy.join()
+        assert answers == [len(texts)]
+        assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
