@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from appliance.artifact.manifest import SpecialistFields
 from appliance.config import apply_offline_env
 from appliance.dataset import DataError
 from appliance.engines.specialist import load_specialist
@@ -19,6 +20,7 @@ from appliance.factory import card
 from appliance.factory.evaluate import evaluate, precision_at
 from appliance.factory.pipeline import INT8_MAX_DROP_POINTS, TrainResult, TrainSpec, gate, train
 from appliance.store import ModelStore
+from tests.artifact.old_manifest import old_fields
 
 DATA = Path(__file__).resolve().parents[2] / "appliance" / "data" / "banking77"
 # Eight intents that MiniLM-L6 separates well: a specialist on them should be nearly always right.
@@ -106,14 +108,18 @@ def test_the_model_card_records_an_fp32_decision() -> None:
     precision, reason = gate(0.95, 0.90)
     y = np.array([0, 1, 1, 0])
     report = evaluate(np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]]), y, ["a", "b"])
-    fields = {
-        "labels": ["a", "b"],
-        "precision": precision,
-        "quantization": {"fp32_accuracy": 0.95, "int8_accuracy": 0.90, "reason": reason},
-        "base_encoder": {"name": "minilm", "sha256": "ab" * 32},
-        "encoder": {"id": "cd" * 32, "window": 256, "dim": 384},
-        "data": {"train": {"n_rows": 40, "n_labels": 2, "sha256": "ef" * 32}, "heldout_source": "eval file"},
-    }
+    published = old_fields()
+    quantization = {**published["quantization"], "fp32_accuracy": 0.95, "int8_accuracy": 0.90}
+    fields = SpecialistFields.model_validate(
+        {
+            **published,
+            "labels": ["a", "b"],
+            "precision": precision,
+            "quantization": {**quantization, "decision": precision, "reason": reason},
+            "encoder": {"id": "cd" * 32, "precision": precision, "window": 256, "dim": 384},
+            "encoders": {"fp32": "cd" * 32},
+        }
+    )
     spec = TrainSpec(data=Path("x.csv"), text_column="text", label_column="label", name="toy")
     text = card.render(spec, fields, report, [], {"total": 1.0})
     assert "Published as **fp32**" in text
