@@ -382,6 +382,8 @@ class ServingRuntime:
             lane.heads = HeadTable(users)
 
     async def unload_model(self, model: str) -> int:
+        """AdminService.UnloadModel: frees memory only. The serving choice stays, so a later bare
+        call loads the chosen version again (with ``load_on_demand``); LoadModel rolls back."""
         name, version = parse_ref(model)
         async with self._load_lock:
             keys = [k for k in self._versions if k[0] == name and (version is None or k[1] == version)]
