@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
@@ -35,6 +36,8 @@ class FaultyBackend(KeywordBackend):
             raise KeyError("internal detail that must not reach the caller")
         if model == "slow":
             await asyncio.wait_for(asyncio.sleep(10), timeout=0.01)
+        if model == "hang":
+            await asyncio.sleep(30)
         return await super().classify(model, texts, *args, **kwargs)
 
 
@@ -105,6 +108,20 @@ def test_a_timeout_below_is_deadline_exceeded(channel: grpc.Channel) -> None:
         pb_grpc.InferenceServiceStub(channel).Classify, pb.ClassifyRequest(model="slow", texts=["x"])
     )
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_call_the_client_abandons_is_counted_cancelled_not_internal(
+    channel: grpc.Channel, metrics: ServingMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    classify = pb_grpc.InferenceServiceStub(channel).Classify
+    with caplog.at_level(logging.ERROR, logger="appliance.api.boundary"):
+        error = _status(classify, pb.ClassifyRequest(model="hang", texts=["x"]), timeout=0.2)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10  # the server learns of it a moment after the client
+        while _count(metrics, "InferenceService", "Classify", OTHER, "CANCELLED") < 1:
+            assert time.monotonic() < deadline, "the abandoned call was never counted"
+            time.sleep(0.05)
+    assert not [r for r in caplog.records if r.name == "appliance.api.boundary"]
 
 
 def test_a_stream_that_fails_midway_ends_with_the_errors_status(
