@@ -4,7 +4,8 @@ One :class:`GeneralistEngine` owns one vLLM ``AsyncLLM`` (its engine core runs i
 process). The engine checks every request before it reaches vLLM, so that callers get a precise
 error instead of a vLLM one:
 
-- a prompt that cannot fit the model window is ``InvalidArgument``, with the token counts;
+- a prompt that cannot fit the model window is ``InvalidArgument``, with the token counts (the
+  window is :meth:`GeneralistArgs.window`: the model folder's own bound, 2048 at most by default);
 - more than ``max_concurrency`` requests in flight is ``ResourceExhausted`` at once (no queue:
   the router would rather answer with the specialist than wait);
 - a dead engine core is ``Unavailable``; :meth:`GeneralistEngine.restart` brings it back, and a

@@ -75,7 +75,7 @@ def test_unreadable_configs_and_bad_settings_are_refused(tmp_path: Path) -> None
         {"max_num_seqs": 4},  # not a field
     ):
         with pytest.raises(pydantic.ValidationError):
-            GeneralistArgs(path=str(tmp_path), **bad)  # type: ignore[arg-type]
+            GeneralistArgs(path=str(tmp_path), **bad)
 
 
 def test_serve_refuses_a_window_larger_than_the_model_before_starting_anything(tmp_path: Path) -> None:
