@@ -44,13 +44,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from appliance.engines.generalist import GeneralistEngine
 from appliance.engines.generalist_api import ZeroShotResult
 from appliance.engines.generalist_args import GeneralistArgs
+
+if TYPE_CHECKING:
+    from appliance.engines.specialist import Specialist
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "appliance" / "data" / "banking77"
@@ -253,9 +256,9 @@ class SpecialistRun:
     threads: int
 
 
-def run_specialist(specialist: Any, texts: Sequence[str]) -> SpecialistRun:
+def run_specialist(specialist: Specialist, texts: Sequence[str]) -> SpecialistRun:
     """Classify ``texts`` in the encoder's own length-sorted, token-budgeted batches, timed."""
-    from appliance.engines.encoder import l2_normalize
+    from appliance.artifact.maths import l2_normalize
     from appliance.router.cost import share
 
     encoder = specialist.encoder
@@ -312,7 +315,7 @@ class CascadeRun:
 async def run_cascade(
     args: argparse.Namespace,
     tiny_llm: Path,
-    specialist: Any,
+    specialist: Specialist,
     texts: Sequence[str],
     run: SpecialistRun,
     automated: Sequence[int],
@@ -722,7 +725,7 @@ def benchmark(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         sampled,
         [index[label] for label in generalist_labels],
         args.assumed,
-        float(specialist.meta["calibration"]["target_precision"]),
+        specialist.spec.calibration.target_precision,
     )
     encoder_shape = EncoderShape.from_config(default_base())
     tiny = DecoderShape.from_config("tiny random Llama", tiny_path)
@@ -739,7 +742,7 @@ def benchmark(args: argparse.Namespace, home: Path) -> dict[str, Any]:
             if args.model
             else f", calibrated on {'the test file' if args.calibration == 'test' else 'a 10% train split'}"
         ),
-        "manifest_calibration": specialist.meta["calibration"],
+        "manifest_calibration": specialist.spec.calibration.model_dump(),
         "precision": specialist.precision,
         "quick": args.quick,
         "accuracy": accuracy,

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.engines.generalist_api import Generalist, ZeroShotResult
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument
@@ -59,18 +59,18 @@ class ModelRef:
     default_policy: Policy | None = None
 
     @classmethod
-    def of(cls, model: Any) -> ModelRef:
-        """A ModelRef as is, or one read from a loaded specialist (its manifest is ``meta``)."""
+    def of(cls, model: ModelRef | Specialist) -> ModelRef:
+        """A ModelRef as is, or one read from a loaded specialist's typed manifest."""
         if isinstance(model, ModelRef):
             return model
-        meta: Mapping[str, Any] = getattr(model, "meta", None) or {}
+        spec = model.spec
         return cls(
-            name=str(model.name),
-            version=int(model.version),
-            labels=list(model.labels),
-            threshold=float(model.threshold),
-            label_descriptions=dict(meta.get("label_descriptions") or {}),
-            default_policy=parse_policy(meta.get("default_policy")),
+            name=spec.name,
+            version=spec.version,
+            labels=list(spec.labels),
+            threshold=spec.calibration.threshold,
+            label_descriptions=dict(spec.label_descriptions),
+            default_policy=parse_policy(spec.default_policy),
         )
 
 

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from scripted_generalist import ScriptedGeneralist
 
+from appliance.artifact.manifest import SpecialistManifest
 from appliance.errors import (
     ApplianceError,
     FailedPrecondition,
@@ -32,6 +33,7 @@ from appliance.router.cost import CostModel
 from appliance.router.escalations import EscalationStore
 from appliance.router.metrics import RouterMetrics
 from appliance.types import Decision, Policy, Route, SpecialistAnswer
+from tests.artifact.old_manifest import old_manifest
 
 LABELS = ["card_arrival", "card_linking", "exchange_rate", "refund"]
 COST = CostModel(price_per_hour=3.6, cores=2)  # 0.0005 per core-second
@@ -321,18 +323,25 @@ def test_a_label_set_the_generalist_cannot_take_fails_the_load_when_the_default_
 
 
 def test_a_loaded_specialist_is_read_as_a_model_ref(rig: Rig) -> None:
-    @dataclass
-    class Loaded:  # the shape of appliance.engines.specialist.Specialist
-        name: str = "bank"
-        version: int = 7
-        labels: tuple[str, ...] = tuple(LABELS)
-        threshold: float = 0.6
-        meta: dict[str, Any] | None = None
+    """Everything routing needs comes from the specialist's typed manifest."""
 
-    meta = {"default_policy": "generalist_only", "label_descriptions": {"refund": "money back"}}
-    ref = ModelRef.of(Loaded(meta=meta))
-    assert ref == ModelRef("bank", 7, LABELS, 0.6, {"refund": "money back"}, Policy.GENERALIST_ONLY)
-    assert ModelRef.of(Loaded()).default_policy is None
+    @dataclass
+    class Loaded:  # what ModelRef.of reads of appliance.engines.specialist.Specialist
+        spec: SpecialistManifest
+
+    def manifest(**changes: Any) -> SpecialistManifest:
+        data = old_manifest()
+        data["calibration"] = {**data["calibration"], "threshold": 0.6}
+        return SpecialistManifest.model_validate(
+            {**data, "name": "bank", "version": 7, "labels": list(LABELS), **changes}
+        )
+
+    described = manifest(default_policy="generalist_only", label_descriptions={"refund": "money back"})
+    ref = ModelRef.of(Loaded(described))
+    assert ref == ModelRef("bank", 7, list(LABELS), 0.6, {"refund": "money back"}, Policy.GENERALIST_ONLY)
+    # a manifest that states no policy gets the factory's default
+    unstated = {k: v for k, v in manifest().model_dump().items() if k != "default_policy"}
+    assert ModelRef.of(Loaded(SpecialistManifest.model_validate(unstated))).default_policy is Policy.CASCADE
 
 
 def test_mismatched_answers_and_texts_are_an_internal_error(rig: Rig) -> None:
