@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.factory.commands",
     "appliance.store_commands",
     "appliance.serve.commands",
+    "appliance.demo",
     "appliance.client_commands",
     "appliance.security.commands",
     "appliance.router.commands",

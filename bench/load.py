@@ -41,7 +41,7 @@ import numpy as np
 from appliance._proto.appliance.v1 import appliance_pb2, appliance_pb2_grpc
 from appliance._proto.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from appliance.api.kserve import encode_raw_bytes
-from appliance.security.interceptor import is_loopback
+from appliance.network import is_loopback
 
 APIS = ("appliance", "kserve")
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99.9": 99.9}

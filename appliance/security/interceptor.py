@@ -2,7 +2,8 @@
 
 Each call is admitted in this order:
 
-1. Open methods (health, reflection; only where configured) pass without a token.
+1. Open methods (health, reflection; only where configured) pass without a token. Otherwise
+   reflection needs ``models:read``, like the calls that list and describe models.
 2. A bearer token (``authorization: Bearer <token>``) must verify: else UNAUTHENTICATED.
 3. The method must be in the scope table: else PERMISSION_DENIED (fail closed, even for admin).
 4. The token must hold the method's scope; for model-scoped RPCs, the scope names the model from
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
-import ipaddress
 import logging
 import time
 import uuid
@@ -43,6 +43,7 @@ import grpc
 
 from appliance.api.boundary import context_code
 from appliance.errors import ApplianceError, Status, status_of
+from appliance.network import is_loopback
 from appliance.security.audit import AuditError, AuditLog
 from appliance.security.tokens import Principal, TokenStore
 
@@ -59,6 +60,11 @@ class Rule:
 
 _V1 = "/appliance.v1."
 _KSERVE = "/inference.GRPCInferenceService/"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 DEFAULT_RULES: Mapping[str, Rule] = {
     f"{_V1}InferenceService/Classify": Rule("classify", "model"),
@@ -74,13 +80,9 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     f"{_KSERVE}ServerMetadata": Rule("models:read"),
     f"{_KSERVE}ModelReady": Rule("models:read"),
     f"{_KSERVE}ModelMetadata": Rule("models:read"),
+    # reflection describes the API, not any model: whoever may list models may discover it
+    **{f"{prefix}ServerReflectionInfo": Rule("models:read") for prefix in REFLECTION_PREFIXES},
 }
-
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
-REFLECTION_PREFIXES = (
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
 # where a request carries the model name used for "classify:<model>" etc. and its request id
 _REQUEST_ID_FIELDS = ("request_id", "id")
 MAX_FIELD_CHARS = 256  # model names and request ids in records; real ones are far shorter
@@ -89,22 +91,6 @@ MAX_DETAILS_CHARS = 1024  # status details; grpc's default trailer limit is 8 Ki
 
 def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more characters]"
-
-
-def is_loopback(bind_address: str) -> bool:
-    """Whether ``host:port``, ``[v6]:port`` or a unix socket address stays on this machine
-    (literals only: no name is resolved)."""
-    if bind_address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = bind_address.rsplit(":", 1)[0] if bind_address.count(":") == 1 else bind_address
-    if host.startswith("["):
-        host = host[1 : host.index("]")]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def open_prefixes(

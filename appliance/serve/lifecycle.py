@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from appliance.config import LOCAL_RAY_ENV, OFFLINE_ENV, appliance_home, apply_offline_env, state_dir
 from appliance.serve.app import APP_NAME, AppArgs, build_app
@@ -49,7 +49,16 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """An exited process its parent has not reaped yet (Linux; elsewhere never)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]  # the state follows the parenthesised name
 
 
 @dataclass
@@ -86,9 +95,43 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+class DeployFailed(Exception):
+    """The Serve application did not come up; the message is the replica's own error."""
+
+
+def _deploy_failure() -> str | None:
+    """Why the application failed, as Serve recorded it: per deployment, the replica's traceback."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # the controller itself is gone: nothing more precise to say
+        return None
+    if app is None:
+        return None
+    messages = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return "\n".join(messages) or app.message or None
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """Let SIGTERM and SIGINT set ``stop``. Must run after ``ray.init``, which replaces the SIGTERM
+    handler with ``sys.exit(15)``: that unwinds from wherever the main thread is, skips the orderly
+    shutdown and ends in an abort (exit status 134) while Ray's threads are still running."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+
 @contextmanager
-def running(args: AppArgs, address: str | None = None, num_cpus: int | None = None) -> Iterator[Running]:
-    """Start Ray (or join ``address``), run the Serve app, yield where it listens; tear down after."""
+def running(
+    args: AppArgs,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    stop: threading.Event | None = None,
+) -> Iterator[Running]:
+    """Start Ray (or join ``address``), run the Serve app, yield where it listens; tear down after.
+
+    With ``stop``, SIGTERM and SIGINT set it from the moment Ray is up (see :func:`_stop_on_signals`).
+    A failed deploy raises :class:`DeployFailed` with the replica's own error."""
     import ray
     from ray import serve
 
@@ -101,9 +144,14 @@ def running(args: AppArgs, address: str | None = None, num_cpus: int | None = No
     if args.auth:
         ensure_local_admin_token()
     owns_ray = _init_ray(address, num_cpus)
+    if stop is not None:
+        _stop_on_signals(stop)
     try:
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
-        handle = serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix=None)
+        try:
+            handle = serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix=None)
+        except RuntimeError as exc:  # "Deploying application appliance failed": say why
+            raise DeployFailed(_deploy_failure() or str(exc)) from exc
         info = handle.address.remote().result()
         yield Running(info["host"], int(info["port"]), bool(info["tls"]), info["metrics_port"], owns_ray)
     finally:
@@ -129,13 +177,45 @@ def wait_until_ready(timeout: float = 300.0) -> bool:
     return False
 
 
+def _write_run_file(info: dict[str, Any]) -> None:
+    path = run_file()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)  # readers never see half a file
+
+
+def _report_waiting(waiting: dict[str, str]) -> None:
+    if not waiting:
+        print("appliance ready: every configured model is serving", flush=True)
+    for ref, reason in waiting.items():
+        print(f"appliance NOT ready: waiting for model {ref!r}: {reason}", flush=True)
+
+
+def _watch_models(info: dict[str, Any], stop: threading.Event, period: float = 1.0) -> None:
+    """Until ``stop``: ask the ingress what its configured models wait for; print each change and
+    keep it in the run file, where ``appliance status`` reads it."""
+    from ray import serve
+
+    handle = serve.get_app_handle(APP_NAME)
+    last: dict[str, str] | None = None
+    while not stop.is_set():
+        try:
+            waiting: dict[str, str] = handle.waiting.remote().result(timeout_s=30)
+        except Exception as exc:  # a replica being replaced: ask again
+            log.warning("could not ask the ingress about its models: %s", exc)
+        else:
+            if waiting != last:
+                _report_waiting(waiting)
+                info["waiting"] = waiting
+                _write_run_file(info)
+                last = waiting
+        stop.wait(period)
+
+
 def serve_forever(args: AppArgs, address: str | None = None) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down in order; returns the exit status."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    with running(args, address) as live:
-        ready = wait_until_ready()
-        path = run_file()
+    with running(args, address, stop=stop) as live:
         info = {
             "pid": os.getpid(),
             "host": live.host,
@@ -144,32 +224,34 @@ def serve_forever(args: AppArgs, address: str | None = None) -> int:
             "metrics_port": live.metrics_port,
             "home": str(appliance_home()),
             "models": args.models,
+            "waiting": {model: "loading" for model in args.models},
             "started_at": time.time(),
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(path)
-        state = "ready" if ready else "NOT ready (models still loading; see the log)"
+        _write_run_file(info)  # at once: `status` and `stop` work while the models load
+        metrics = f", metrics on 127.0.0.1:{live.metrics_port}" if live.metrics_port is not None else ""
         print(
-            f"appliance serving on {live.host}:{live.port} ({'TLS' if live.tls else 'plaintext'}), {state}",
+            f"appliance serving on {live.host}:{live.port} ({'TLS' if live.tls else 'plaintext'}){metrics}",
             flush=True,
         )
         try:
-            stop.wait()
+            _watch_models(info, stop)
         finally:
-            path.unlink(missing_ok=True)
+            run_file().unlink(missing_ok=True)
             print("appliance stopping", flush=True)
     return 0
 
 
-def stop_server(timeout: float = 60.0) -> bool:
-    """SIGTERM the running server and wait for it to exit; False if none was running."""
+StopOutcome = Literal["stopped", "not running", "still running"]
+
+
+def stop_server(timeout: float = 60.0) -> StopOutcome:
+    """SIGTERM the running server and wait up to ``timeout`` seconds for it to exit."""
     info = read_run_file()
     if info is None:
-        return False
+        return "not running"
     pid = int(info["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return not _alive(pid)
+    return "still running" if _alive(pid) else "stopped"

@@ -217,7 +217,7 @@ def test_a_token_revoked_while_the_server_runs_is_refused_on_the_next_call(
     assert "revoked" in err.value.details()
 
 
-def test_health_is_open_on_loopback_and_reflection_is_closed(live: LiveServer, tokens: TokenStore) -> None:
+def test_health_is_open_on_loopback(live: LiveServer) -> None:
     with live.client(token=None) as client:
         health = health_pb2_grpc.HealthStub(client.channel)
         request = health_pb2.HealthCheckRequest(service="appliance.v1.InferenceService")
@@ -227,15 +227,39 @@ def test_health_is_open_on_loopback_and_reflection_is_closed(live: LiveServer, t
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
 
-        def reflect(metadata: tuple[tuple[str, str], ...]) -> list[object]:
-            stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
-            request = reflection_pb2.ServerReflectionRequest(list_services="")
-            return list(stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10))
 
-        assert code_of(lambda: reflect(())) == grpc.StatusCode.UNAUTHENTICATED
-        # not in the scope table: closed even to admin unless the server opens it
-        admin = (("authorization", f"Bearer {tokens.create('reflector', ['admin'])}"),)
-        assert code_of(lambda: reflect(admin)) == grpc.StatusCode.PERMISSION_DENIED
+def reflected_services(channel: grpc.Channel, token: str | None) -> set[str]:
+    """The services a grpc reflection client lists with ``token`` (None: no token)."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    answers = list(stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10))
+    return {s.name for a in answers for s in a.list_services_response.service}
+
+
+def test_reflection_is_open_to_model_readers_only(live: LiveServer, tokens: TokenStore) -> None:
+    admin = tokens.create("reflect-admin", ["admin"])
+    reader = tokens.create("reflect-reader", ["models:read"])
+    classifier = tokens.create("reflect-classifier", [f"classify:{MODEL}"])
+    with live.client(token=None) as client:
+        for token in (admin, reader):
+            services = reflected_services(client.channel, token)
+            assert {"appliance.v1.InferenceService", "inference.GRPCInferenceService"} <= services
+        assert code_of(lambda: reflected_services(client.channel, None)) == grpc.StatusCode.UNAUTHENTICATED
+        denied = code_of(lambda: reflected_services(client.channel, classifier))
+        assert denied == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_open_reflection_needs_no_token(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a second server in this process needs an audit trail of its own: same models, other home
+    other = tmp_path / "home"
+    other.mkdir()
+    for part in ("models", "encoders", "keys", "pki"):
+        if (home / part).exists():
+            (other / part).symlink_to(home / part)
+    monkeypatch.setenv("APPLIANCE_HOME", str(other))
+    with LiveServer(other, open_reflection=True) as server, server.client(token=None, cert=False) as client:
+        assert "appliance.v1.ModelService" in reflected_services(client.channel, None)
 
 
 def test_the_audit_trail_holds_every_decision_and_verifies(
