@@ -407,7 +407,7 @@ def accuracy_figures(
     confidence: np.ndarray,
     threshold: float,
     sampled: Sequence[int],
-    generalist_labels: Sequence[str],
+    generalist_labels: Sequence[int],  # label ids, as ``truth``
     assumed: Sequence[float],
     target_precision: float,
 ) -> dict[str, Any]:
