@@ -1,8 +1,9 @@
 """Starting and stopping the appliance: a local Ray (the embedded default) or a joined cluster.
 
-``appliance serve`` runs :func:`serve_forever` in the foreground; it writes
-``$APPLIANCE_HOME/run/server.json`` (address, port, TLS, pid) so that the CLI client, ``status``
-and ``stop`` find it, and removes it on the way out.
+``appliance serve`` runs :func:`serve_forever` in the foreground; once the Serve app is up it
+writes ``$APPLIANCE_HOME/run/server.json`` (address, port, TLS, metrics port, pid, and what each
+configured model still waits for) so that the CLI client, ``status`` and ``stop`` find it, and
+removes it on the way out. SIGTERM or SIGINT shut it down in order, with exit status 0.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def _report_waiting(waiting: dict[str, str]) -> None:
         print(f"appliance NOT ready: waiting for model {ref!r}: {reason}", flush=True)
 
 
-def _watch_models(info: dict[str, Any], stop: threading.Event, period: float = 1.0) -> None:
+def _watch_models(info: dict[str, Any], stop: threading.Event) -> None:
     """Until ``stop``: ask the ingress what its configured models wait for; print each change and
     keep it in the run file, where ``appliance status`` reads it."""
     from ray import serve
@@ -209,7 +210,7 @@ def _watch_models(info: dict[str, Any], stop: threading.Event, period: float = 1
                 info["waiting"] = waiting
                 _write_run_file(info)
                 last = waiting
-        stop.wait(period)
+        stop.wait(5.0 if last == {} else 1.0)  # each ask costs a handle call: slower once all serve
 
 
 def serve_forever(args: AppArgs, address: str | None = None) -> int:
