@@ -17,7 +17,7 @@ from appliance.factory.evaluate import evaluate
 from appliance.serve.runtime import RuntimeSettings, ServingRuntime
 from appliance.store import Manifest, ModelStore
 from kernels import HeadBank, pooled_topk_reference
-from tests.artifact.conftest import sample_texts
+from tests.artifact.banking import sample_texts
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-6

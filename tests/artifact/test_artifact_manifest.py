@@ -11,7 +11,9 @@ from pydantic import ValidationError
 
 from appliance.artifact.manifest import SCHEMA_VERSION, SpecialistManifest
 from appliance.errors import IntegrityError
+from appliance.factory.pipeline import TrainSpec, train
 from appliance.store import MANIFEST, Manifest, ModelStore
+from tests.artifact.banking import banking_csv
 from tests.artifact.old_manifest import INT8_ID, LABELS, old_fields, old_manifest
 
 
@@ -95,3 +97,24 @@ def test_the_factory_records_columns_lineage_and_schema(published: tuple[ModelSt
     assert json.dumps(typed, sort_keys=True) == json.dumps(
         {k: manifest.data[k] for k in typed}, sort_keys=True
     )
+
+
+@pytest.mark.slow
+def test_a_new_version_names_its_parent(tmp_path: Path, tiny_base: Path) -> None:
+    header = ("text", "label")
+    spec = TrainSpec(
+        data=banking_csv("train.csv", tmp_path / "first.csv", 12, header),
+        text_column="text",
+        label_column="label",
+        name="bank4",
+        base=tiny_base,
+        heldout_fraction=0.25,
+    )
+    store = ModelStore(tmp_path / "home")
+    first = train(spec, store, progress=lambda _msg: None).manifest.spec
+    spec.data = banking_csv("train.csv", tmp_path / "second.csv", 16, header)
+    second = train(spec, store, progress=lambda _msg: None).manifest.spec
+    assert first.lineage is not None and first.lineage.parent_version is None
+    assert second.lineage is not None and second.lineage.parent_version == first.version == 1
+    assert second.lineage.trained_from.source == "second.csv"
+    assert second.lineage.trained_from.fingerprint != first.lineage.trained_from.fingerprint
