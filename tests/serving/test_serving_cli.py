@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MODEL
+
+from tests.helpers.serving import MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

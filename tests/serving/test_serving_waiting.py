@@ -6,11 +6,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import MODEL
 from specialists import train_subset
 
 from appliance.serve.runtime import RuntimeSettings, ServingRuntime
 from appliance.store import ModelStore
+from tests.helpers.serving import MODEL
 
 pytestmark = [pytest.mark.integration]
 
