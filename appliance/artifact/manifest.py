@@ -6,8 +6,13 @@ bytes into a :class:`SpecialistManifest`; the signature stays over the bytes, ne
 re-serialisation of this model.
 
 Schema versions: 1 is every manifest written before ``schema_version`` existed (no training
-columns, no lineage); 2 adds ``columns`` and ``lineage``. Unknown keys are ignored, so a
+columns, no lineage); 2 adds ``columns`` and ``lineage``, and, for kind ``span_extractor`` only,
+``extractor`` (tags, tagger file, span metrics, training format). Unknown keys are ignored, so a
 manifest from a newer factory still loads here.
+
+A span extractor's ``labels`` are its slot names; its ``calibration`` is over span confidence
+(:mod:`appliance.artifact.spans`) with ``text_coverage`` set; its ``quantization`` compares
+micro span F1 (``metric``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from appliance.artifact.head import HEAD_FILE
+from appliance.artifact.spans import TAGGER_FILE, tag_names
 
 SCHEMA_VERSION = 2
 Kind = Literal["classifier", "span_extractor"]
@@ -54,9 +60,13 @@ class Calibration(_Part):
     threshold: float
     coverage: float  # share of held-out decisions at or above the threshold
     precision: float  # their accuracy; NaN when no threshold reaches the target
+    # Extractors: share of held-out texts whose every word piece is at or above the threshold.
+    text_coverage: float | None = None
 
 
 class Quantization(_Part):
+    # What the two numbers measure: accuracy for classifiers, micro span F1 for extractors.
+    metric: Literal["accuracy", "span_f1"] = "accuracy"
     fp32_accuracy: float
     int8_accuracy: float
     drop_points: float
@@ -97,6 +107,35 @@ class Lineage(_Part):
     trained_from: TrainedFrom
 
 
+class SlotScores(_Part):
+    precision: float
+    recall: float
+    f1: float
+    support: int  # gold spans
+
+
+class TaggerInfo(_Part):
+    file: str = TAGGER_FILE
+    scheme: Literal["BIO"] = "BIO"
+    tags: list[str] = Field(min_length=3)  # appliance.artifact.spans.tag_names(labels)
+
+
+class SpanFormat(_Part):
+    """The training file's format: the default for evaluating the extractor."""
+
+    format: Literal["spans_jsonl", "dstc8"]
+
+
+class ExtractorInfo(_Part):
+    """What a span extractor adds to the manifest."""
+
+    tagger: TaggerInfo
+    uses_context: bool  # the requested-slot context goes in as the first segment
+    micro: SlotScores  # span-level exact match on held-out data
+    per_slot: dict[str, SlotScores]
+    trained_format: SpanFormat
+
+
 class SpecialistFields(_Part):
     """What the factory writes; the store adds the publishing fields."""
 
@@ -118,11 +157,16 @@ class SpecialistFields(_Part):
     data: TrainingData
     columns: Columns | None = None
     lineage: Lineage | None = None
+    extractor: ExtractorInfo | None = None  # kind span_extractor only
 
     @model_validator(mode="after")
     def _consistent(self) -> SpecialistFields:
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        if (self.kind == "span_extractor") != (self.extractor is not None):
+            raise ValueError("a span_extractor, and only one, carries the extractor fields")
+        if self.extractor is not None and self.extractor.tagger.tags != tag_names(self.labels):
+            raise ValueError("the tagger's tags do not match the slot labels")
         if self.encoders.get(self.encoder.precision, self.encoder.id) != self.encoder.id:
             raise ValueError(f"encoder {self.encoder.id[:12]} is not the {self.encoder.precision} encoder")
         return self
