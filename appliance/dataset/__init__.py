@@ -9,6 +9,8 @@ one pass instead of one error per run.
 - :mod:`~appliance.dataset.reading`: ``load_labelled`` and the per-format readers.
 - :mod:`~appliance.dataset.quality`: ``inspect_data`` (the warnings) and spreadsheet-formula escaping.
 - :mod:`~appliance.dataset.splitting`: ``stratified_split``, ``few_shot``, ``fingerprint``.
+- :mod:`~appliance.dataset.spans`: ``load_spans`` for span extractors (JSONL spans or DSTC8), with the
+  same error and warning types.
 """
 
 from appliance.dataset.quality import (
@@ -28,6 +30,7 @@ from appliance.dataset.reading import (
     load_labelled,
 )
 from appliance.dataset.records import DataError, DataWarning, LabelledData
+from appliance.dataset.spans import SpanData, SpanExample, load_spans
 from appliance.dataset.splitting import few_shot, fingerprint, stratified_split
 
 __all__ = [
@@ -42,11 +45,14 @@ __all__ = [
     "DataError",
     "DataWarning",
     "LabelledData",
+    "SpanData",
+    "SpanExample",
     "escape_csv_cell",
     "few_shot",
     "fingerprint",
     "inspect_data",
     "is_formula_like",
     "load_labelled",
+    "load_spans",
     "stratified_split",
 ]
