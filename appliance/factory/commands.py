@@ -15,7 +15,15 @@ from appliance.errors import ApplianceError
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train = sub.add_parser("train", help="train and publish a specialist from a labelled file")
-    train.add_argument("--data", type=Path, required=True, help="CSV, TSV, JSONL or Parquet file")
+    train.add_argument(
+        "--task",
+        choices=("classify", "extract"),
+        default="classify",
+        help="classify: a label per text; extract: labelled spans (JSONL text+spans, or DSTC8/Restaurant8k)",
+    )
+    train.add_argument(
+        "--data", type=Path, required=True, help="CSV, TSV, JSONL or Parquet file (extract: JSONL or JSON)"
+    )
     train.add_argument("--text-column", default="text")
     train.add_argument("--label-column", default="label")
     train.add_argument("--name", required=True, help="model name in the store (a-z, 0-9, _ . -)")
@@ -80,7 +88,14 @@ def _emit(result: dict[str, Any], as_json: bool) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from appliance.factory.pipeline import TrainSpec, train
+    from appliance.security.signing import require_signing_box
 
+    try:
+        require_signing_box()  # before minutes of training whose result could not be published
+    except ApplianceError as exc:
+        return _fail(exc)
+    if args.task == "extract":
+        return _run_train_extractor(args)
     spec = TrainSpec(
         data=args.data,
         text_column=args.text_column,
@@ -104,14 +119,76 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train_extractor(args: argparse.Namespace) -> int:
+    from appliance.factory.extract import ExtractSpec, train_extractor
+
+    spec = ExtractSpec(
+        data=args.data,
+        name=args.name,
+        mode=args.mode,
+        eval_data=args.eval_data,
+        base=args.base,
+        max_minutes=args.max_minutes,
+        target_precision=args.target_precision,
+        checkpoint_dir=args.checkpoint_dir,
+        seed=args.seed,
+    )
+    try:
+        result = train_extractor(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ApplianceError, ValueError, OSError) as exc:
+        return _fail(exc)
+    _emit(result.summary(), args.json)
+    return 0
+
+
+def _run_eval_extractor(args: argparse.Namespace) -> int:
+    from appliance.dataset import load_spans
+    from appliance.factory.extract import load_tagger
+    from appliance.factory.extract_eval import evaluate_spans, precision_at
+
+    try:
+        manifest, tagger = load_tagger(args.model)
+        data = load_spans(args.data)
+    except (ApplianceError, ValueError, OSError) as exc:
+        return _fail(exc)
+    spec = manifest.spec
+    spans, confidences, truncated = tagger.predict(data.texts, [e.requested_slots for e in data.examples])
+    gold = [e.spans for e in data.examples]
+    report = evaluate_spans(spans, gold, confidences, tagger.labels, spec.calibration.target_precision)
+    threshold = spec.calibration.threshold
+    coverage, precision = precision_at(spans, gold, threshold)
+    result = {
+        "model": f"{manifest.name}:{manifest.version}",
+        "kind": spec.kind,
+        "n": report.n_texts,
+        "micro_precision": report.micro.precision,
+        "micro_recall": report.micro.recall,
+        "micro_f1": report.micro.f1,
+        "exact_texts": report.exact_texts,
+        "per_slot": {k: v.model_dump() for k, v in report.per_slot.items()},
+        "threshold": threshold,
+        "span_coverage_at_threshold": coverage,
+        "precision_at_threshold": precision,
+        "text_coverage_at_threshold": sum(c >= threshold for c in confidences) / max(1, len(confidences)),
+        "precision": spec.precision,
+        "truncated": int(sum(truncated)),
+        "boundary_errors": report.boundary_errors[:5],
+    }
+    _emit(result, args.json)
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from appliance.dataset import load_labelled
     from appliance.engines.specialist import load_specialist
     from appliance.factory.evaluate import evaluate, precision_at
+    from appliance.store import ModelStore
 
     try:
+        if ModelStore().load(args.model).spec.kind == "span_extractor":
+            return _run_eval_extractor(args)
         model = load_specialist(args.model)
         trained = model.spec.columns  # None for models published before columns were recorded
         text_column = args.text_column or (trained.text if trained else "text")

@@ -123,3 +123,18 @@ def evaluate_spans(
         exact_texts=exact / len(gold) if gold else 0.0,
         boundary_errors=errors,
     )
+
+
+def precision_at(
+    predicted: Sequence[Sequence[Span]], gold: Sequence[Sequence[Span]], threshold: float
+) -> tuple[float, float]:
+    """(coverage, precision) of the predicted spans at or above a fixed confidence threshold."""
+    kept: list[bool] = []
+    total = 0
+    for pred_spans, gold_spans in zip(predicted, gold, strict=True):
+        keys = {(s.label, s.start, s.end) for s in gold_spans}
+        total += len(pred_spans)
+        kept += [(s.label, s.start, s.end) in keys for s in pred_spans if s.confidence >= threshold]
+    if not kept:
+        return 0.0, float("nan")
+    return len(kept) / total, sum(kept) / len(kept)

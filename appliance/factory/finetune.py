@@ -329,14 +329,18 @@ class Tuner(nn.Module):
         self.dim = int(encoder.config.hidden_size)
         self.weight = nn.Parameter(torch.randn(n_classes, self.dim) * 0.02) if n_classes else None
 
-    def embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    def states(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden states ``[B, T, D]`` of rows padded to the longest, and their 0/1 mask."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
-        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+    def embed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        states, mask = self.states(rows)
         return l2_normalize(masked_mean_pool(states, mask))
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
