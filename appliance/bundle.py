@@ -10,6 +10,12 @@ resolves nothing and downloads nothing. Layout of ``--out DIR``::
     DIR/models/<name>/<ver>/  model-store folders (manifest.json + manifest.sig), with --models
     DIR/encoders/<hash>/      the shared encoders those manifests reference
     DIR/keys/trusted/*.pub    the public keys that verify the manifests' signatures
+    DIR/SHA256SUMS            sha256 of every file above, signed by the release key into
+    DIR/SHA256SUMS.sig        (``--release-key``; see appliance.security.release)
+
+The installer checks the signature against a release public key pinned outside the bundle, so
+the trusted keys, the lock and the wheels are believed only because the release key vouches for
+them, never because the bundle says so.
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from appliance import config
+from appliance.security import release
 
 BUNDLE_FORMAT = 1
 PROFILES: dict[str, tuple[str, ...]] = {"core": (), "cpu": ("cpu",), "gpu": ("gpu",)}
@@ -226,9 +235,10 @@ def build_bundle(args: argparse.Namespace) -> dict[str, Any]:
         if not args.force:
             raise BundleError(f"{out} is not empty; pass --force to rebuild it")
         shutil.rmtree(out)
+    # The key and the models first: a bad key or an unsigned model fails before minutes of downloading.
+    release_key = load_release_key(args.release_key)
     wheel_dir = out / "wheels"
     wheel_dir.mkdir(parents=True)
-    # Models first: a missing or unsigned model fails before minutes of downloading.
     models = copy_models(args.models, config.appliance_home(), out) if args.models else []
 
     if args.wheel:
@@ -285,9 +295,18 @@ def build_bundle(args: argparse.Namespace) -> dict[str, Any]:
         "wheel_count": len(wheels),
         "excluded": sorted(excluded),
         "models": models,
+        "release_key": release.key_id(release_key.public_key()),
     }
     (out / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+    release.sign_bundle(out, release_key)
     return meta
+
+
+def load_release_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        return release.load_private_key(path)
+    except release.ReleaseError as exc:
+        raise BundleError(f"{exc}; create one with `appliance keys release-init PATH`") from None
 
 
 def _run_command(args: argparse.Namespace) -> int:
@@ -297,6 +316,7 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"appliance bundle: {exc}", file=sys.stderr)
         return 2
     summary = f"profile {meta['profile']}, Python {meta['python']}, {meta['wheel_count']} wheels"
+    summary += f", signed by release key {meta['release_key']}"
     print(f"bundle {args.out}: {summary}")
     return 0
 
@@ -304,6 +324,13 @@ def _run_command(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), required=True, help="install profile (extras)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    parser.add_argument(
+        "--release-key",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="ed25519 release key that signs the bundle (`appliance keys release-init PATH` makes one)",
+    )
     parser.add_argument(
         "--minimal",
         action="store_true",

@@ -21,8 +21,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.demo",
     "appliance.client_commands",
     "appliance.security.commands",
+    "appliance.security.key_commands",
     "appliance.router.commands",
     "appliance.bundle",
+    "appliance.engines.model_pin",
 )
 
 

@@ -38,6 +38,7 @@ from appliance.engines.generalist_api import (
     ZeroShotResult,
 )
 from appliance.engines.generalist_args import GeneralistArgs
+from appliance.engines.model_pin import verify_model
 from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted, Unavailable
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class GeneralistEngine(Generalist):
         It is stored, not returned: the worker thread's finished frame was seen to stay
         reachable, and as a return value the engine in it was never freed after shutdown.
         """
+        # A changed weight or config file stops the start here, before vLLM reads any of them.
+        verify_model(self.model_path)
         # The engine core and its workers inherit os.environ: no telemetry, no hub.
         apply_offline_env()
         from vllm.engine.arg_utils import AsyncEngineArgs

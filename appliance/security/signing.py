@@ -5,12 +5,16 @@ keys, ``keys/trusted/<key_id>.pub``, where ``key_id`` is the first 16 hex digits
 the raw public key: installing another appliance's public key there makes its artifacts trusted.
 
 A signature file is one line of JSON: ``{"alg": "ed25519", "key_id": ..., "sig": <base64>}``.
+
+A serving box installed by the Ansible roles (``appliance_factory: false``) holds no signing key:
+the installer leaves a root-owned ``keys/SERVING_ONLY`` marker, and every attempt to create or
+use a signing key there fails, so a process on that box cannot mint a key and vouch for its own
+models. ``keys/trusted`` is root-owned and read-only there as well.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -21,16 +25,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from appliance.config import state_dir
-from appliance.errors import IntegrityError
+from appliance.errors import FailedPrecondition, IntegrityError
 from appliance.security.files import write_atomic
+from appliance.security.release import key_id
 
 SIGNATURE_SUFFIX = ".sig"
+SERVING_ONLY = "SERVING_ONLY"
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def keys_dir(folder: str | os.PathLike[str] | None = None) -> Path:
@@ -41,8 +42,24 @@ def trusted_dir(folder: str | os.PathLike[str] | None = None) -> Path:
     return keys_dir(folder) / "trusted"
 
 
+class SigningUnavailable(FailedPrecondition):
+    """This box is not allowed to sign: it is a serving box."""
+
+
+def require_signing_box(folder: str | os.PathLike[str] | None = None) -> None:
+    """Refuse, with the reason and the way out, when this box must not sign models."""
+    marker = keys_dir(folder) / SERVING_ONLY
+    if marker.exists():
+        raise SigningUnavailable(
+            f"this box cannot sign models: it is a serving box ({marker}; installed with "
+            "appliance_factory=false) and holds no signing key. Train on the factory box and "
+            "install the model here from a signed bundle."
+        )
+
+
 def ensure_signing_key(folder: str | os.PathLike[str] | None = None) -> Ed25519PrivateKey:
     """Load the signing key, creating it on first use; its public key is always kept trusted."""
+    require_signing_box(folder)
     base = keys_dir(folder)
     path = base / "signing.key"
     if path.exists():

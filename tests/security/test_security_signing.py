@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -87,3 +89,25 @@ def test_sign_file_writes_manifest_sig_beside_it(home, tmp_path):
     sig.unlink()
     with pytest.raises(IntegrityError, match=r"manifest\.sig is missing"):
         signing.verify_file(manifest)
+
+
+def test_a_serving_box_cannot_create_or_use_a_signing_key(home):
+    """The installer marks serving boxes (appliance_factory=false): no key is minted there."""
+    (home / "keys").mkdir(parents=True)
+    (home / "keys" / signing.SERVING_ONLY).write_text("installed by the appliance roles\n")
+    with pytest.raises(signing.SigningUnavailable, match="this box cannot sign models: it is a serving box"):
+        signing.ensure_signing_key()
+    assert not (home / "keys" / "signing.key").exists()
+    assert not (home / "keys" / "trusted").exists()
+
+
+def test_train_on_a_serving_box_fails_before_training(home, tmp_path):
+    (home / "keys").mkdir(parents=True)
+    (home / "keys" / signing.SERVING_ONLY).write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "train", "--data", str(tmp_path / "none.csv"), "--name", "m"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "this box cannot sign models" in proc.stderr and "factory box" in proc.stderr
+    assert not (home / "models").exists()
