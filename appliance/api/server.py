@@ -32,6 +32,8 @@ from appliance.api.servicers import AdminServicer, GenerationServicer, Inference
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition
 from appliance.network import is_loopback
+from appliance.security.revocation import RevocationList
+from appliance.security.tls import ExpiryWatch, server_credentials
 from appliance.serve.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class ServerSettings:
     # which bounds the memory that queued requests of up to max_message_bytes can hold.
     max_concurrent_rpcs: int = 1024
     grace_seconds: float = 5.0
+    cert_warn_days: float = 30.0  # warn this long before the server certificate or the CA expires
 
     @property
     def bind(self) -> str:
@@ -87,6 +90,7 @@ class ApplianceServer:
         self._server: grpc.aio.Server | None = None
         self._audit: Any = None
         self._watch: asyncio.Task[None] | None = None
+        self._expiry: ExpiryWatch | None = None  # TLS only
 
     # ------------------------------------------------------------------ building
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -104,9 +108,17 @@ class ApplianceServer:
         )
         return [
             AuthAuditInterceptor(
-                TokenStore(), self._audit, open_methods=opened, audit_texts=self.settings.audit_texts
+                TokenStore(),
+                self._audit,
+                open_methods=opened,
+                audit_texts=self.settings.audit_texts,
+                revocations=self._revocations(),
             )
         ]
+
+    def _revocations(self) -> RevocationList | None:
+        """Client certificates exist only over TLS; the CRL sits next to the CA."""
+        return None if self.settings.insecure_loopback else RevocationList(self.settings.pki_dir)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         if self.settings.insecure_loopback:
@@ -115,8 +127,9 @@ class ApplianceServer:
                     f"refusing plaintext on {self.settings.host}: --insecure-loopback binds to loopback only"
                 )
             return None
-        from appliance.security.pki import server_credentials
-
+        registry = self.metrics.registry if self.metrics is not None else None
+        self._expiry = ExpiryWatch(self.settings.pki_dir, self.settings.cert_warn_days, registry)
+        self._expiry.check()
         return server_credentials(self.settings.pki_dir, self.settings.require_client_cert)
 
     async def start(self) -> int:
@@ -180,7 +193,7 @@ class ApplianceServer:
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
         while True:
-            ready = self.backend.is_ready()
+            ready = self.backend.is_ready() and self.tls_problem() is None
             for name in INFERENCE_SERVICES:
                 await self.health.set(name, serving if ready else not_serving)
             await self.health.set("", serving if ready else not_serving)
@@ -188,6 +201,11 @@ class ApplianceServer:
                 gen_ready = self.generalist.ready
                 await self.health.set(GENERATION_SERVICE, serving if gen_ready else not_serving)
             await asyncio.sleep(0.25)
+
+    def tls_problem(self) -> str | None:
+        """Why TLS cannot be served (an expired server certificate), or None; health then says
+        NOT_SERVING for the inference services."""
+        return self._expiry.check() if self._expiry is not None else None
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self, grace: float | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import sys
 from collections.abc import Callable
@@ -31,15 +32,30 @@ def _register_pki(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     init.add_argument("--dir", default=None, help=dir_help)
     init.set_defaults(func=_pki_init)
 
+    days_help = f"validity in days (default {pki.LEAF_VALIDITY.days})"
     server = commands.add_parser("issue-server", help="(re)issue the server certificate for these hosts")
     server.add_argument("hosts", nargs="+", metavar="HOST", help="DNS name or IP address")
-    server.add_argument("--dir", default=None, help=dir_help)
     server.set_defaults(func=_pki_issue_server)
+
+    renew = commands.add_parser(
+        "renew-server", help="re-issue the server certificate for its hosts; a running server picks it up"
+    )
+    renew.set_defaults(func=_pki_renew_server)
 
     client = commands.add_parser("issue-client", help="issue a client certificate (CN=NAME)")
     client.add_argument("name", metavar="NAME")
-    client.add_argument("--dir", default=None, help=dir_help)
     client.set_defaults(func=_pki_issue_client)
+
+    revoke = commands.add_parser(
+        "revoke-client", help="revoke NAME's client certificate; the running server refuses it at once"
+    )
+    revoke.add_argument("name", metavar="NAME")
+    revoke.set_defaults(func=_pki_revoke_client)
+
+    for leaf in (server, renew, client):
+        leaf.add_argument("--days", type=float, default=None, help=days_help)
+    for action in (server, renew, client, revoke):
+        action.add_argument("--dir", default=None, help=dir_help)
 
 
 def _register_tokens(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -108,18 +124,38 @@ def _pki_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validity(args: argparse.Namespace) -> dt.timedelta | None:
+    return None if args.days is None else dt.timedelta(days=args.days)
+
+
 @_guard
 def _pki_issue_server(args: argparse.Namespace) -> int:
     pki.init_ca(args.dir)
-    cert, key = pki.issue_server(args.dir, args.hosts)
+    cert, key = pki.issue_server(args.dir, args.hosts, _validity(args))
     print(f"server certificate {cert} (key {key}) for {', '.join(args.hosts)}")
     return 0
 
 
 @_guard
+def _pki_renew_server(args: argparse.Namespace) -> int:
+    hosts = pki.renew_server(args.dir, _validity(args))
+    cert, _ = pki.server_paths(args.dir)
+    expires = pki.load_certificate(cert).not_valid_after_utc
+    print(f"server certificate {cert} renewed for {', '.join(hosts)}, valid until {expires}")
+    return 0
+
+
+@_guard
 def _pki_issue_client(args: argparse.Namespace) -> int:
-    cert, key = pki.issue_client(args.dir, args.name)
+    cert, key = pki.issue_client(args.dir, args.name, _validity(args))
     print(f"client certificate {cert} (key {key}) for CN={args.name}")
+    return 0
+
+
+@_guard
+def _pki_revoke_client(args: argparse.Namespace) -> int:
+    serial = pki.revoke_client(args.dir, args.name)
+    print(f"revoked client certificate CN={args.name} (serial {serial:x}) in {pki.crl_path(args.dir)}")
     return 0
 
 

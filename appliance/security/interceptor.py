@@ -45,6 +45,7 @@ from appliance.api.boundary import context_code
 from appliance.errors import ApplianceError, Status, status_of
 from appliance.network import is_loopback
 from appliance.security.audit import AuditError, AuditLog
+from appliance.security.revocation import RevocationList, RevocationUnavailable
 from appliance.security.tokens import Principal, TokenStore
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         open_methods: Iterable[str] = (),
         audit_texts: bool = False,
         durable: bool = True,
+        revocations: RevocationList | None = None,
     ) -> None:
         """``open_methods`` holds method names or prefixes (see :func:`open_prefixes`).
         ``durable=False`` sends answers without waiting for their audit record's fsync."""
@@ -193,6 +195,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         self.open_methods = tuple(open_methods)
         self.audit_texts = audit_texts
         self.durable = durable
+        self.revocations = revocations  # None: client certificates are not checked for revocation
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -308,6 +311,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         UNIMPLEMENTED; nobody else learns whether it exists."""
         call.peer = context.peer() or ""
         call.cert = _peer_subject(context)
+        self._check_revocation(context)
         metadata = _metadata(context)
         undecodable = request if isinstance(request, _Undecodable) else None
         self._describe(call, None if undecodable else request, metadata)
@@ -340,6 +344,18 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"token {principal.name!r} lacks scope {required!r} for {call.method}",
             )
+
+    def _check_revocation(self, context: grpc.aio.ServicerContext) -> None:
+        """A revoked client certificate is refused on every method, open ones included."""
+        pem = _peer_certificate(context)
+        if self.revocations is None or pem is None:
+            return
+        try:
+            revoked = self.revocations.is_revoked(pem)
+        except RevocationUnavailable as exc:
+            raise _Denied(grpc.StatusCode.UNAVAILABLE, "client certificate revocation list unusable") from exc
+        if revoked:
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "the client certificate has been revoked")
 
     def _authenticate(self, header: str | None) -> Principal:
         if not header:
@@ -458,6 +474,12 @@ def _peer_subject(context: grpc.aio.ServicerContext) -> str | None:
     if common_name:
         return "CN=" + bytes(next(iter(common_name))).decode(errors="replace")
     return None
+
+
+def _peer_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The verified client certificate (PEM), when the channel is mTLS."""
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    return bytes(next(iter(pem))) if pem else None
 
 
 def _context_details(context: grpc.aio.ServicerContext) -> str:

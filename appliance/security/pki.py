@@ -5,6 +5,7 @@ Layout of a PKI folder (default ``$APPLIANCE_HOME/pki``)::
     ca.crt  ca.key               the certificate authority
     server.crt  server.key       the server's certificate (SANs: the given DNS names / IPs)
     clients/<name>.crt|.key      client certificates (CN=<name>, clientAuth)
+    ca.crl                       revoked client certificates, signed by the CA (once one is revoked)
 
 Keys are ECDSA P-256: BoringSSL (inside grpcio) accepts them for both server and client auth,
 which it does not reliably do for ed25519 certificates. Private keys are written 0600.
@@ -122,8 +123,15 @@ def init_ca(folder: str | os.PathLike[str] | None = None, common_name: str = "ap
     return paths
 
 
-def issue_server(folder: str | os.PathLike[str] | None, hosts: list[str]) -> tuple[Path, Path]:
-    """Issue (or re-issue) the server certificate for ``hosts``: DNS names and IP addresses."""
+def crl_path(folder: str | os.PathLike[str] | None = None) -> Path:
+    return pki_dir(folder) / "ca.crl"
+
+
+def issue_server(
+    folder: str | os.PathLike[str] | None, hosts: list[str], validity: dt.timedelta | None = None
+) -> tuple[Path, Path]:
+    """Issue (or re-issue) the server certificate for ``hosts``: DNS names and IP addresses.
+    ``validity`` defaults to :data:`LEAF_VALIDITY`; a running server picks the new files up."""
     if not hosts:
         raise InvalidArgument("a server certificate needs at least one host name or IP address")
     sans: list[x509.GeneralName] = []
@@ -142,11 +150,29 @@ def issue_server(folder: str | os.PathLike[str] | None, hosts: list[str]) -> tup
         usage=ExtendedKeyUsageOID.SERVER_AUTH,
         cert_path=cert_path,
         key_path=key_path,
+        validity=validity,
     )
     return cert_path, key_path
 
 
-def issue_client(folder: str | os.PathLike[str] | None, name: str) -> tuple[Path, Path]:
+def renew_server(folder: str | os.PathLike[str] | None, validity: dt.timedelta | None = None) -> list[str]:
+    """Re-issue the server certificate for the hosts of the current one; returns those hosts."""
+    cert_path, _ = server_paths(folder)
+    if not cert_path.exists():
+        raise NotFound(f"no server certificate at {cert_path}: run `appliance pki init` first")
+    try:
+        sans = load_certificate(cert_path).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        raise InvalidArgument(f"{cert_path} names no hosts: use `appliance pki issue-server HOST`") from None
+    hosts = [str(ip) for ip in sans.value.get_values_for_type(x509.IPAddress)]
+    hosts = sans.value.get_values_for_type(x509.DNSName) + hosts
+    issue_server(folder, hosts, validity)
+    return hosts
+
+
+def issue_client(
+    folder: str | os.PathLike[str] | None, name: str, validity: dt.timedelta | None = None
+) -> tuple[Path, Path]:
     """Issue a client certificate with subject CN=``name`` and the clientAuth extended key usage."""
     cert_path, key_path = client_paths(folder, name)
     _issue_leaf(
@@ -156,8 +182,53 @@ def issue_client(folder: str | os.PathLike[str] | None, name: str) -> tuple[Path
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         cert_path=cert_path,
         key_path=key_path,
+        validity=validity,
     )
     return cert_path, key_path
+
+
+def revoke_client(folder: str | os.PathLike[str] | None, name: str) -> int:
+    """Add client ``name``'s current certificate to the CA's CRL; returns its serial number.
+    A running server refuses the certificate on its next call (it re-reads the CRL when it changes)."""
+    cert_path, _ = client_paths(folder, name)
+    if not cert_path.exists():
+        raise NotFound(f"no client certificate {name!r} in {cert_path.parent}")
+    serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    ca_cert, ca_key = _load_ca(folder)
+    path = crl_path(folder)
+    revoked = list(load_crl(path, ca_cert)) if path.exists() else []
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    if all(entry.serial_number != serial for entry in revoked):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_public(path, crl.public_bytes(serialization.Encoding.PEM))
+    return serial
+
+
+def load_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
+    """The CRL at ``path``, after checking that ``ca_cert`` signed it."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except ValueError as exc:
+        raise InvalidArgument(f"{path} is not a PEM certificate revocation list: {exc}") from exc
+    public_key = ca_cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(public_key):
+        raise InvalidArgument(f"{path} is not signed by the CA {ca_cert.subject.rfc4514_string()}")
+    return crl
+
+
+def load_certificate(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
 
 
 def ensure_local_pki(folder: str | os.PathLike[str] | None = None) -> LocalPki:
@@ -177,23 +248,6 @@ def ensure_local_pki(folder: str | os.PathLike[str] | None = None) -> LocalPki:
         server_key=server_key,
         admin_cert=admin_cert,
         admin_key=admin_key,
-    )
-
-
-def server_credentials(
-    folder: str | os.PathLike[str] | None, require_client_cert: bool
-) -> grpc.ServerCredentials:
-    """TLS credentials for the server. Client certificates signed by the CA are always accepted
-    (and surface as the caller's identity); with ``require_client_cert`` they are mandatory."""
-    ca = ca_paths(folder)
-    cert_path, key_path = server_paths(folder)
-    for path in (ca.cert, cert_path, key_path):
-        if not path.exists():
-            raise NotFound(f"missing {path}: run `appliance pki init` first")
-    return grpc.ssl_server_credentials(
-        [(key_path.read_bytes(), cert_path.read_bytes())],
-        root_certificates=ca.cert.read_bytes(),
-        require_client_auth=require_client_cert,
     )
 
 
@@ -229,7 +283,11 @@ def _issue_leaf(
     usage: x509.ObjectIdentifier,
     cert_path: Path,
     key_path: Path,
+    validity: dt.timedelta | None = None,
 ) -> None:
+    validity = LEAF_VALIDITY if validity is None else validity
+    if validity <= dt.timedelta(0):
+        raise InvalidArgument(f"a certificate's validity must be positive, got {validity}")
     ca_cert, ca_key = _load_ca(folder)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -239,8 +297,9 @@ def _issue_leaf(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc))
+        # backdated for clock skew, except for the short-lived certificates that tests ask for
+        .not_valid_before(now - min(dt.timedelta(minutes=5), validity))
+        .not_valid_after(min(now + validity, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

@@ -59,6 +59,7 @@ class AppArgs(BaseModel):
     audit_texts: bool = False
     metrics_port: int | None = Field(9464, ge=0, le=65535)
     max_concurrent_rpcs: int = Field(1024, ge=1)  # per replica's gRPC server
+    cert_warn_days: float = Field(30.0, ge=0)  # warn this long before the server certificate or CA expires
     limits: LimitsArgs = LimitsArgs()
     batch: BatchSettings = BatchSettings()
     intra_op_threads: int = Field(0, ge=0)
@@ -133,6 +134,7 @@ class Ingress:
                 open_reflection=a.open_reflection,
                 audit_texts=a.audit_texts,
                 max_concurrent_rpcs=a.max_concurrent_rpcs,
+                cert_warn_days=a.cert_warn_days,
             ),
             metrics=metrics,
             generalist=self.generalist,

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from perimeter_harness import Client, run, run_server, status_of
 
-from appliance.security import pki
+from appliance.security import pki, tls
 from appliance.security.audit import AuditLog, verify
 from appliance.security.interceptor import AuthAuditInterceptor, open_prefixes
 from appliance.security.tokens import TokenStore
@@ -37,7 +37,7 @@ async def connected(
 ) -> AsyncIterator[grpc.aio.Channel]:
     """A TLS server with ``interceptor`` and a channel to it."""
     async with (
-        run_server(interceptor, pki.server_credentials(pki_dir, mtls)) as port,
+        run_server(interceptor, tls.server_credentials(pki_dir, mtls)) as port,
         _secure(pki_dir, port, client) as channel,
     ):
         yield channel
@@ -49,7 +49,7 @@ def test_mtls_without_client_certificate_fails_the_handshake(pki_dir, store, aud
     async def scenario():
         with AuditLog(audit_dir) as audit:
             interceptor = AuthAuditInterceptor(store, audit)
-            async with run_server(interceptor, pki.server_credentials(pki_dir, True)) as port:
+            async with run_server(interceptor, tls.server_credentials(pki_dir, True)) as port:
                 async with _secure(pki_dir, port, None) as channel:
                     without_cert = await status_of(Client(channel, token).list_models())
                 async with _secure(pki_dir, port, "alice") as channel:
