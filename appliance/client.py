@@ -96,6 +96,95 @@ def _classified(r: pb.ClassifyResponse) -> Classified:
 
 
 @dataclass(frozen=True)
+class SpanResult:
+    """One extracted field; ``start``/``end`` count characters of the text as sent (end exclusive)."""
+
+    label: str
+    start: int
+    end: int
+    text: str
+    confidence: float
+    route: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "start": self.start,
+            "end": self.end,
+            "text": self.text,
+            "confidence": self.confidence,
+            "route": self.route,
+        }
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """One text's spans (and its classification, when the call named a classifier)."""
+
+    spans: list[SpanResult]
+    truncated: bool
+    latency_ms: float
+    core_seconds: float
+    accelerator_seconds: float
+    price: float
+    currency: str
+    escalation_id: str
+    fallback: bool
+    classification: Result | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "spans": [span.to_dict() for span in self.spans],
+            "truncated": self.truncated,
+            "latency_ms": self.latency_ms,
+            "cost": {
+                "core_seconds": self.core_seconds,
+                "accelerator_seconds": self.accelerator_seconds,
+                "price": self.price,
+                "currency": self.currency,
+            },
+            "escalation_id": self.escalation_id,
+            "fallback": self.fallback,
+        }
+        if self.classification is not None:
+            out["classification"] = self.classification.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class Extracted:
+    model: str
+    version: int
+    results: list[ExtractResult]
+    request_id: str
+    classify_model: str = ""  # the classifier that answered each result's classification
+    classify_version: int = 0
+
+
+def _extract_result(e: pb.Extraction) -> ExtractResult:
+    return ExtractResult(
+        spans=[
+            SpanResult(s.label, s.start, s.end, s.text, s.confidence, ROUTES.get(s.route, ""))
+            for s in e.spans
+        ],
+        truncated=e.truncated,
+        latency_ms=e.latency_ms,
+        core_seconds=e.cost.core_seconds,
+        accelerator_seconds=e.cost.accelerator_seconds,
+        price=e.cost.price,
+        currency=e.cost.currency,
+        escalation_id=e.escalation_id,
+        fallback=e.fallback,
+        classification=_result(e.classification) if e.HasField("classification") else None,
+    )
+
+
+def _extracted(r: pb.ExtractResponse) -> Extracted:
+    results = [_extract_result(e) for e in r.results]
+    return Extracted(r.model, r.version, results, r.request_id, r.classify_model, r.classify_version)
+
+
+@dataclass(frozen=True)
 class Connection:
     """Where and how to reach the appliance."""
 
@@ -168,6 +257,30 @@ def _classify_request(
     )
 
 
+def _extract_request(
+    model: str,
+    texts: Sequence[str],
+    requested_slots: Sequence[Sequence[str]],
+    policy: str | None,
+    allow_fallback: bool,
+    request_id: str,
+    classify_model: str,
+    top_k: int,
+) -> pb.ExtractRequest:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; use one of {[p for p in POLICIES if p]}")
+    return pb.ExtractRequest(
+        model=model,
+        texts=list(texts),
+        requested_slots=[pb.RequestedSlots(slots=list(slots)) for slots in requested_slots],
+        policy=POLICIES[policy],
+        allow_fallback=allow_fallback,
+        request_id=request_id,
+        classify_model=classify_model,
+        top_k=top_k,
+    )
+
+
 class Client:
     """Blocking client. Use as a context manager, or call :meth:`close`."""
 
@@ -208,6 +321,28 @@ class Client:
         request = _classify_request(model, texts, top_k, policy, allow_fallback, request_id)
         return _classified(
             self._inference.Classify(request, timeout=timeout, metadata=self.connection.metadata())
+        )
+
+    def extract(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        requested_slots: Sequence[Sequence[str]] = (),
+        policy: str | None = None,
+        allow_fallback: bool = False,
+        classify_model: str = "",
+        top_k: int = 1,
+        timeout: float | None = 30.0,
+        request_id: str = "",
+    ) -> Extracted:
+        """Spans per text. ``requested_slots``: empty or one list per text; ``classify_model``:
+        also classify each text with that classifier (one encoder pass when they share one)."""
+        request = _extract_request(
+            model, texts, requested_slots, policy, allow_fallback, request_id, classify_model, top_k
+        )
+        return _extracted(
+            self._inference.Extract(request, timeout=timeout, metadata=self.connection.metadata())
         )
 
     def embed(self, model: str, texts: Sequence[str], *, timeout: float | None = 30.0) -> pb.EmbedResponse:
@@ -301,6 +436,27 @@ class AsyncClient:
             request, timeout=timeout, metadata=self.connection.metadata()
         )
         return _classified(response)
+
+    async def extract(
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        requested_slots: Sequence[Sequence[str]] = (),
+        policy: str | None = None,
+        allow_fallback: bool = False,
+        classify_model: str = "",
+        top_k: int = 1,
+        timeout: float | None = 30.0,
+        request_id: str = "",
+    ) -> Extracted:
+        request = _extract_request(
+            model, texts, requested_slots, policy, allow_fallback, request_id, classify_model, top_k
+        )
+        response = await self._inference.Extract(
+            request, timeout=timeout, metadata=self.connection.metadata()
+        )
+        return _extracted(response)
 
     async def embed(
         self, model: str, texts: Sequence[str], *, timeout: float | None = 30.0

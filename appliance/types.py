@@ -68,6 +68,41 @@ class ClassifyOutcome:
 
 
 @dataclass(frozen=True)
+class ExtractedSpan:
+    """One field found in a text. Offsets are characters (code points) of the text as sent, end
+    exclusive, so ``text == source[start:end]``."""
+
+    label: str
+    start: int
+    end: int
+    text: str
+    confidence: float
+    route: Route = Route.SPECIALIST
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """One text's spans."""
+
+    spans: list[ExtractedSpan]  # in text order
+    truncated: bool
+    latency_ms: float
+    cost: Cost
+    escalation_id: str = ""
+    fallback: bool = False
+
+
+@dataclass(frozen=True)
+class ExtractOutcome:
+    model: str
+    version: int
+    precision: str
+    labels: list[str]  # the extractor's slot names
+    extractions: list[Extraction]
+    classified: ClassifyOutcome | None = None  # when the call also named a classifier
+
+
+@dataclass(frozen=True)
 class EmbedOutcome:
     model: str
     version: int
@@ -86,7 +121,7 @@ class Limits:
 class ModelDescription:
     name: str
     version: int
-    kind: str  # "classifier" (span extractors come later)
+    kind: str  # "classifier" | "span_extractor"
     labels: list[str]
     metrics: dict[str, float]
     threshold: float

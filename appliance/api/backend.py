@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from appliance.types import ClassifyOutcome, EmbedOutcome, Limits, ModelDescription, Policy
+from appliance.types import ClassifyOutcome, EmbedOutcome, ExtractOutcome, Limits, ModelDescription, Policy
 
 
 class Backend(Protocol):
@@ -35,6 +35,27 @@ class Backend(Protocol):
 
         ``allow_fallback``: when the policy needs the generalist and none is configured, answer
         with the specialist instead of failing with FAILED_PRECONDITION.
+        """
+        ...
+
+    async def extract(
+        self,
+        model: str,
+        texts: Sequence[str],
+        requested_slots: Sequence[Sequence[str]] = (),
+        policy: Policy | None = None,
+        timeout: float | None = None,
+        allow_fallback: bool = False,
+        request_id: str = "",
+        classify_model: str = "",
+        top_k: int = 1,
+    ) -> ExtractOutcome:
+        """Spans found in ``texts`` by the span extractor ``model``.
+
+        ``requested_slots``: empty, or one list per text (the dialogue's requested slots).
+        ``classify_model``: also classify the texts with that classifier (one encoder pass per
+        text when both share an encoder). Asking a classifier to extract, or an extractor to
+        classify, is InvalidArgument naming the model's kind.
         """
         ...
 

@@ -1,4 +1,4 @@
-"""The KServe v2 (Open Inference Protocol) gRPC front end for text classifiers.
+"""The KServe v2 (Open Inference Protocol) gRPC front end for text classifiers and span extractors.
 
 A classifier is exposed as one model with the tensor signature
 
@@ -6,6 +6,15 @@ A classifier is exposed as one model with the tensor signature
     outputs: LABEL BYTES [-1]             the decided label per text
              SCORE FP32  [-1]             its confidence
              PROBS FP32  [-1, n_classes]  the specialist's distribution, in label order
+
+and a span extractor with
+
+    inputs:  TEXT  BYTES [-1]
+    outputs: SPANS BYTES [-1]             per text one JSON document, {"spans": [{"label", "start",
+                                          "end", "text", "confidence", "route"}], "truncated"},
+                                          offsets in characters (code points) of the text as sent
+
+A model answers only its own kind's outputs; asking for the other kind's is INVALID_ARGUMENT.
 
 Tensors travel either typed (``contents.bytes_contents`` / ``fp32_contents``) or raw
 (``raw_input_contents``: BYTES elements as a 4-byte little-endian length and the bytes, FP32 as
@@ -16,6 +25,7 @@ the same bad input gets the same status on both APIs.
 
 from __future__ import annotations
 
+import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,19 +40,24 @@ from appliance._proto.inference import grpc_service_pb2 as pb
 from appliance._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from appliance.api.backend import Backend
 from appliance.api.boundary import Boundary
+from appliance.api.servicers import request_id
 from appliance.errors import ApplianceError, InvalidArgument, NotFound
 from appliance.serve.metrics import ServingMetrics
 from appliance.store import parse_version
-from appliance.types import ClassifyOutcome, Limits, ModelDescription
+from appliance.types import ClassifyOutcome, ExtractOutcome, Limits, ModelDescription
 
 INPUT_TEXT = "TEXT"
 OUTPUT_LABEL = "LABEL"
 OUTPUT_SCORE = "SCORE"
 OUTPUT_PROBS = "PROBS"
-OUTPUT_NAMES: tuple[str, ...] = (OUTPUT_LABEL, OUTPUT_SCORE, OUTPUT_PROBS)
+OUTPUT_SPANS = "SPANS"
+OUTPUT_NAMES: tuple[str, ...] = (OUTPUT_LABEL, OUTPUT_SCORE, OUTPUT_PROBS)  # a classifier's
+OUTPUTS_BY_KIND: dict[str, tuple[str, ...]] = {"classifier": OUTPUT_NAMES, "span_extractor": (OUTPUT_SPANS,)}
+EXTRACTOR = "span_extractor"
 
 SERVER_NAME = "appliance"
 PLATFORM = "appliance_text_classifier"
+PLATFORMS = {"classifier": PLATFORM, EXTRACTOR: "appliance_span_extractor"}
 _LENGTH = struct.Struct("<I")  # the length prefix of one raw BYTES element
 
 
@@ -95,7 +110,7 @@ def decode_raw_bytes(raw: bytes, count: int | None = None) -> list[bytes]:
 class _ParsedInfer:
     model_ref: str  # "NAME" or "NAME:VERSION", as the Backend takes it
     texts: list[str]
-    outputs: tuple[str, ...]  # requested output names, in response order
+    outputs: tuple[str, ...]  # requested output names, in response order; empty: the model's all
     raw: bool  # answer with raw_output_contents
 
 
@@ -152,12 +167,11 @@ def _text_elements(request: pb.ModelInferRequest, limits: Limits) -> list[bytes]
 
 
 def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    if not request.outputs:
-        return OUTPUT_NAMES
+    known = [name for names in OUTPUTS_BY_KIND.values() for name in names]
     names: list[str] = []
     for wanted in request.outputs:
-        if wanted.name not in OUTPUT_NAMES:
-            raise InvalidArgument(f"unknown output {wanted.name!r}; outputs are {list(OUTPUT_NAMES)}")
+        if wanted.name not in known:
+            raise InvalidArgument(f"unknown output {wanted.name!r}; outputs are {known}")
         if "classification" in wanted.parameters:
             raise InvalidArgument("the classification extension is not supported; request PROBS instead")
         if wanted.name not in names:
@@ -182,6 +196,36 @@ def parse_infer_request(request: pb.ModelInferRequest, limits: Limits) -> _Parse
 # ---------------------------------------------------------------- response building
 
 
+def outputs_for(kind: str, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The outputs to answer: the requested ones, which must be the model kind's, or all of them."""
+    own = OUTPUTS_BY_KIND.get(kind, OUTPUT_NAMES)
+    foreign = [name for name in requested if name not in own]
+    if foreign:
+        raise InvalidArgument(f"model {model!r} is a {kind}; its outputs are {list(own)}, not {foreign}")
+    return requested or own
+
+
+def _spans_array(outcome: ExtractOutcome) -> np.ndarray:
+    documents = [
+        {
+            "spans": [
+                {
+                    "label": s.label,
+                    "start": s.start,
+                    "end": s.end,
+                    "text": s.text,
+                    "confidence": s.confidence,
+                    "route": s.route.value,
+                }
+                for s in e.spans
+            ],
+            "truncated": e.truncated,
+        }
+        for e in outcome.extractions
+    ]
+    return np.array([json.dumps(d, ensure_ascii=False).encode("utf-8") for d in documents], dtype=object)
+
+
 def _output_arrays(outcome: ClassifyOutcome, names: Sequence[str]) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     decisions = outcome.decisions
@@ -201,13 +245,19 @@ def _output_arrays(outcome: ClassifyOutcome, names: Sequence[str]) -> dict[str, 
 
 
 def build_infer_response(
-    request: pb.ModelInferRequest, parsed: _ParsedInfer, outcome: ClassifyOutcome
+    request: pb.ModelInferRequest,
+    parsed: _ParsedInfer,
+    outcome: ClassifyOutcome | ExtractOutcome,
+    outputs: Sequence[str] = OUTPUT_NAMES,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=outcome.model, model_version=str(outcome.version), id=request.id
     )
-    arrays = _output_arrays(outcome, parsed.outputs)
-    for name in parsed.outputs:
+    if isinstance(outcome, ExtractOutcome):
+        arrays = {OUTPUT_SPANS: _spans_array(outcome)}
+    else:
+        arrays = _output_arrays(outcome, outputs)
+    for name in outputs:
         array = arrays[name]
         is_bytes = array.dtype == object
         tensor = response.outputs.add(name=name, datatype="BYTES" if is_bytes else "FP32", shape=array.shape)
@@ -227,16 +277,20 @@ def _tensor(name: str, datatype: str, shape: Sequence[int]) -> pb.ModelMetadataR
 
 def model_metadata(description: ModelDescription) -> pb.ModelMetadataResponse:
     versions = sorted({description.version, *description.available_versions})
-    return pb.ModelMetadataResponse(
-        name=description.name,
-        versions=[str(v) for v in versions],
-        platform=PLATFORM,
-        inputs=[_tensor(INPUT_TEXT, "BYTES", [-1])],
-        outputs=[
+    if description.kind == EXTRACTOR:
+        outputs = [_tensor(OUTPUT_SPANS, "BYTES", [-1])]
+    else:
+        outputs = [
             _tensor(OUTPUT_LABEL, "BYTES", [-1]),
             _tensor(OUTPUT_SCORE, "FP32", [-1]),
             _tensor(OUTPUT_PROBS, "FP32", [-1, len(description.labels)]),
-        ],
+        ]
+    return pb.ModelMetadataResponse(
+        name=description.name,
+        versions=[str(v) for v in versions],
+        platform=PLATFORMS.get(description.kind, PLATFORM),
+        inputs=[_tensor(INPUT_TEXT, "BYTES", [-1])],
+        outputs=outputs,
     )
 
 
@@ -340,13 +394,33 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 # An unknown model is NOT_FOUND even when the tensors are also wrong.
                 self._backend.describe(request.model_name)
                 raise
-            outcome = await self._backend.classify(
-                parsed.model_ref,
-                parsed.texts,
-                top_k=1,
-                want_probs=True,
-                timeout=context.time_remaining(),
-            )
-            return build_infer_response(request, parsed, outcome)
+            kind = self._kind(parsed)
+            outputs = outputs_for(kind, parsed.model_ref, parsed.outputs)
+            outcome: ClassifyOutcome | ExtractOutcome
+            if kind == EXTRACTOR:
+                outcome = await self._backend.extract(
+                    parsed.model_ref,
+                    parsed.texts,
+                    timeout=context.time_remaining(),
+                    request_id=request_id(request.id),
+                )
+            else:
+                outcome = await self._backend.classify(
+                    parsed.model_ref,
+                    parsed.texts,
+                    top_k=1,
+                    want_probs=True,
+                    timeout=context.time_remaining(),
+                    request_id=request_id(request.id),  # so escalation rows name the caller's id
+                )
+            return build_infer_response(request, parsed, outcome, outputs)
 
         return await self._boundary.unary(context, "ModelInfer", run, request.model_name)
+
+    def _kind(self, parsed: _ParsedInfer) -> str:
+        """The model's kind; for one not loaded yet (the backend loads it on demand), the kind
+        whose outputs the caller asked for."""
+        try:
+            return self._backend.describe(parsed.model_ref).kind
+        except NotFound:
+            return EXTRACTOR if OUTPUT_SPANS in parsed.outputs else "classifier"

@@ -20,7 +20,7 @@ from appliance.api.boundary import Boundary
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import DeadlineExceeded
 from appliance.serve.metrics import ServingMetrics
-from appliance.types import Cost, Decision, ModelDescription, Policy, Route
+from appliance.types import Cost, Decision, Extraction, ExtractOutcome, ModelDescription, Policy, Route
 
 _POLICY_FROM_PB = {
     pb.POLICY_SPECIALIST_ONLY: Policy.SPECIALIST_ONLY,
@@ -67,6 +67,42 @@ def decision_pb(d: Decision) -> pb.Classification:
         cost=cost_pb(d.cost),
         escalation_id=d.escalation_id,
         fallback=d.fallback,
+    )
+
+
+def extraction_pb(e: Extraction, decision: Decision | None = None) -> pb.Extraction:
+    return pb.Extraction(
+        spans=[
+            pb.Span(
+                label=s.label,
+                start=s.start,
+                end=s.end,
+                text=s.text,
+                confidence=s.confidence,
+                route=_ROUTE_TO_PB[s.route],
+            )
+            for s in e.spans
+        ],
+        truncated=e.truncated,
+        latency_ms=e.latency_ms,
+        cost=cost_pb(e.cost),
+        escalation_id=e.escalation_id,
+        fallback=e.fallback,
+        classification=decision_pb(decision) if decision is not None else None,
+    )
+
+
+def extract_response_pb(outcome: ExtractOutcome, rid: str) -> pb.ExtractResponse:
+    classified = outcome.classified
+    decisions = classified.decisions if classified is not None else [None] * len(outcome.extractions)
+    return pb.ExtractResponse(
+        model=outcome.model,
+        version=outcome.version,
+        precision=_PRECISION_TO_PB.get(outcome.precision, pb.PRECISION_UNSPECIFIED),
+        results=[extraction_pb(e, d) for e, d in zip(outcome.extractions, decisions, strict=True)],
+        request_id=rid,
+        classify_model=classified.model if classified is not None else "",
+        classify_version=classified.version if classified is not None else 0,
     )
 
 
@@ -125,6 +161,29 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             )
 
         return await self.boundary.unary(context, "Classify", run, request.model)
+
+    async def Extract(
+        self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExtractResponse:
+        rid = request_id(request.request_id)
+
+        async def run() -> pb.ExtractResponse:
+            outcome = await self.backend.extract(
+                request.model,
+                list(request.texts),
+                requested_slots=[list(r.slots) for r in request.requested_slots],
+                policy=_POLICY_FROM_PB.get(request.policy),
+                timeout=remaining(context),
+                allow_fallback=request.allow_fallback,
+                request_id=rid,
+                classify_model=request.classify_model,
+                top_k=request.top_k or 1,
+            )
+            if self.metrics is not None:
+                self.metrics.texts.labels(outcome.model).inc(len(outcome.extractions))
+            return extract_response_pb(outcome, rid)
+
+        return await self.boundary.unary(context, "Extract", run, request.model)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         rid = request_id(request.request_id)

@@ -94,16 +94,40 @@ class OnnxEncoder:
         rows = [truncate(enc.ids, self.config.max_length) for enc in encodings]
         return Tokenized([ids for ids, _ in rows], [cut for _, cut in rows])
 
-    def run_padded(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """One session call over rows padded to the longest; returns pooled ``[n, dim]`` float32."""
+    def padded(self, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+        """The session inputs for rows padded to the longest."""
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
-        (pooled,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def run_padded(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """One session call over rows padded to the longest; returns pooled ``[n, dim]`` float32.
+
+        Only ``pooled`` is fetched: encoders exported for span extractors also have ``states``.
+        """
+        (pooled,) = self.session.run(["pooled"], self.padded(rows))
         return np.asarray(pooled, dtype=np.float32)
+
+    def run_states(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """One session call; each row's last hidden states ``[len(row), dim]`` float32."""
+        (states,) = self.session.run(["states"], self.padded(rows))
+        return [np.asarray(states[i, : len(row)], dtype=np.float32) for i, row in enumerate(rows)]
+
+    def run_pooled_and_states(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Both outputs of one session call: a batch that holds classifier and extractor rows
+        pays for the encoder once."""
+        pooled, states = self.session.run(["pooled", "states"], self.padded(rows))
+        per_row = [np.asarray(states[i, : len(row)], dtype=np.float32) for i, row in enumerate(rows)]
+        return np.asarray(pooled, dtype=np.float32), per_row
+
+    @property
+    def has_states(self) -> bool:
+        """Whether the graph returns token states (encoders exported before extractors do not)."""
+        return any(output.name == "states" for output in self.session.get_outputs())
 
     def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices grouped into batches: sorted by length, cut by text count and padded tokens."""

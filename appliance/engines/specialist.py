@@ -60,5 +60,9 @@ def load_specialist(
 ) -> Specialist:
     """Verify and load ``NAME[:VERSION]``; raises NotFound or IntegrityError."""
     store = store or ModelStore()
-    manifest = store.load(ref)
+    return specialist_from(store, store.load(ref), config)
+
+
+def specialist_from(store: ModelStore, manifest: Manifest, config: EncoderConfig | None = None) -> Specialist:
+    """The classifier a verified manifest describes."""
     return Specialist(manifest, Head.load(manifest.folder), open_encoder(store, manifest, config))

@@ -73,7 +73,8 @@ def _register_tokens(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         required=True,
         dest="scopes",
         metavar="SCOPE",
-        help="classify:<model>|classify:*, embed:<model>|embed:*, generate, models:read, admin (repeatable)",
+        help="classify:<model>|classify:*, extract:<model>|extract:*, embed:<model>|embed:*, generate, "
+        "models:read, admin (repeatable)",
     )
     create.add_argument("--file", default=None, help=file_help)
     create.set_defaults(func=_tokens_create)

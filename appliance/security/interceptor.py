@@ -57,6 +57,11 @@ class Rule:
 
     scope: str
     model_field: str | None = None
+    # other kinds whose ``<kind>:<model>`` admits the call too (KServe ModelInfer answers for
+    # classifiers and span extractors alike)
+    or_kinds: tuple[str, ...] = ()
+    # (kind, field): a further model the request may name, which then needs ``<kind>:<that model>``
+    also: tuple[tuple[str, str], ...] = ()
 
 
 _V1 = "/appliance.v1."
@@ -70,12 +75,13 @@ REFLECTION_PREFIXES = (
 DEFAULT_RULES: Mapping[str, Rule] = {
     f"{_V1}InferenceService/Classify": Rule("classify", "model"),
     f"{_V1}InferenceService/Embed": Rule("embed", "model"),
+    f"{_V1}InferenceService/Extract": Rule("extract", "model", also=(("classify", "classify_model"),)),
     f"{_V1}GenerationService/Generate": Rule("generate"),
     f"{_V1}ModelService/ListModels": Rule("models:read"),
     f"{_V1}ModelService/GetModel": Rule("models:read"),
     f"{_V1}AdminService/LoadModel": Rule("admin"),
     f"{_V1}AdminService/UnloadModel": Rule("admin"),
-    f"{_KSERVE}ModelInfer": Rule("classify", "model_name"),
+    f"{_KSERVE}ModelInfer": Rule("classify", "model_name", or_kinds=("extract",)),
     f"{_KSERVE}ServerLive": Rule("models:read"),
     f"{_KSERVE}ServerReady": Rule("models:read"),
     f"{_KSERVE}ServerMetadata": Rule("models:read"),
@@ -331,6 +337,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             raise _Denied(grpc.StatusCode.UNIMPLEMENTED, f"method {call.method} is not implemented")
         _refuse_undecodable(call.method, undecodable)
         required = rule.scope
+        accepted = [required]
         if rule.model_field is not None:
             if request is None:
                 raise _Denied(
@@ -338,12 +345,22 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
                     f"{call.method} needs a per-model scope, which streamed requests cannot carry",
                 )
             # an empty model lets the server choose one, which only a wildcard scope may allow
-            required = f"{rule.scope}:{model_scope_name(call.model) if call.model else '*'}"
-        if not principal.allows(required):
+            target = model_scope_name(call.model) if call.model else "*"
+            required = f"{rule.scope}:{target}"
+            accepted = [required, *(f"{kind}:{target}" for kind in rule.or_kinds)]
+        if not any(principal.allows(scope) for scope in accepted):
             raise _Denied(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"token {principal.name!r} lacks scope {required!r} for {call.method}",
+                f"token {principal.name!r} lacks scope {' or '.join(map(repr, accepted))} for {call.method}",
             )
+        for kind, model_field in rule.also:
+            other = str(getattr(request, model_field, "") or "")
+            needed = f"{kind}:{model_scope_name(other)}"
+            if other and not principal.allows(needed):
+                raise _Denied(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"token {principal.name!r} lacks scope {needed!r} for {call.method} ({model_field})",
+                )
 
     def _check_revocation(self, context: grpc.aio.ServicerContext) -> None:
         """A revoked client certificate is refused on every method, open ones included."""

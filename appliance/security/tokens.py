@@ -11,8 +11,8 @@ the file atomically; readers ``stat`` it on every check and reload when it chang
 gives a new inode, so even a same-second change is seen). Revoking therefore takes effect on the
 next call, without a restart.
 
-Scopes: ``classify:<model>``, ``classify:*``, ``embed:<model>``, ``embed:*``, ``generate``,
-``models:read``, ``admin`` (which implies every other scope).
+Scopes: ``classify:<model>``, ``classify:*``, ``extract:<model>``, ``extract:*``, ``embed:<model>``,
+``embed:*``, ``generate``, ``models:read``, ``admin`` (which implies every other scope).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ _CACHE_LIMIT = 4096  # verified secrets, so that a known caller costs one dict l
 _SECRET = re.compile(r"^apl_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _MODEL = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_SCOPE = re.compile(rf"^(?:(?:classify|embed):(?:\*|{_MODEL})|generate|models:read|admin)$")
+MODEL_SCOPE_KINDS = ("classify", "extract", "embed")  # scopes that name a model, or * for every one
+_SCOPE = re.compile(rf"^(?:(?:{'|'.join(MODEL_SCOPE_KINDS)}):(?:\*|{_MODEL})|generate|models:read|admin)$")
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def format_secret(token_id: str, random_part: str) -> str:
 def validate_scope(scope: str) -> str:
     if not _SCOPE.fullmatch(scope):
         raise InvalidArgument(
-            f"unknown scope {scope!r}; expected classify:<model>|classify:*, embed:<model>|embed:*, "
-            "generate, models:read or admin"
+            f"unknown scope {scope!r}; expected classify:<model>|classify:*, extract:<model>|extract:*, "
+            "embed:<model>|embed:*, generate, models:read or admin"
         )
     return scope
 
@@ -98,7 +99,7 @@ def has_scope(granted: Iterable[str], required: str) -> bool:
     if "admin" in granted or required in granted:
         return True
     kind, sep, _ = required.partition(":")
-    return bool(sep) and kind in ("classify", "embed") and f"{kind}:*" in granted
+    return bool(sep) and kind in MODEL_SCOPE_KINDS and f"{kind}:*" in granted
 
 
 class TokenStore:

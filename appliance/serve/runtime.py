@@ -27,15 +27,17 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from appliance.artifact.manifest import SpecialistManifest
 from appliance.artifact.maths import l2_normalize
+from appliance.artifact.spans import Encoded, Span
 from appliance.batching import BatchSettings
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder, Tokenized, cores
-from appliance.engines.specialist import Specialist, load_specialist
+from appliance.engines.extractor import Extractor, Served, load_served
+from appliance.engines.specialist import Specialist
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from appliance.router.interface import Router
 from appliance.serve.batcher import Batcher, BatchStats, Item
@@ -46,6 +48,9 @@ from appliance.types import (
     Cost,
     Decision,
     EmbedOutcome,
+    ExtractedSpan,
+    Extraction,
+    ExtractOutcome,
     Limits,
     ModelDescription,
     Policy,
@@ -58,6 +63,8 @@ log = logging.getLogger(__name__)
 # A window token is rarely more than a few characters of text; 32 keeps every token a real text
 # could put in the window while bounding the tokenizer's work per text (tokenize_window).
 CHARS_PER_TOKEN = 32
+MAX_REQUESTED_SLOTS = 16  # per text; Restaurant8k asks for at most a few
+MAX_SLOT_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -75,12 +82,29 @@ class RuntimeSettings:
 
 @dataclass
 class Loaded:
-    specialist: Specialist
+    specialist: Served  # a classifier or a span extractor
     loaded_at: float = field(default_factory=time.time)
 
     @property
     def key(self) -> tuple[str, int]:
         return (self.specialist.name, self.specialist.version)
+
+    @property
+    def classifier(self) -> Specialist:
+        """The model as a classifier; InvalidArgument naming its kind when it is not one."""
+        if not isinstance(self.specialist, Specialist):
+            raise InvalidArgument(_wrong_kind(self.specialist, "Classify", "Extract"))
+        return self.specialist
+
+    @property
+    def extractor(self) -> Extractor:
+        if not isinstance(self.specialist, Extractor):
+            raise InvalidArgument(_wrong_kind(self.specialist, "Extract", "Classify"))
+        return self.specialist
+
+
+def _wrong_kind(model: Served, asked: str, use: str) -> str:
+    return f"model {model.spec.ref!r} is a {model.spec.kind}, which does not answer {asked}; use {use}"
 
 
 @dataclass(frozen=True)
@@ -91,14 +115,31 @@ class _Row:
 
 
 @dataclass(frozen=True)
-class _RowResult:
-    """A classify row's top-k from its head, or an embed row's L2-normalised pooled vector."""
+class _SpanRow:
+    extractor: Extractor
+    text: str
+    encoded: Encoded
 
-    ids: np.ndarray  # empty for an embed row
+
+@dataclass(frozen=True)
+class _Work:
+    """What one encoder row is for: a head's top-k, spans, both from one pass, or neither (embed)."""
+
+    classify: _Row | None = None
+    extract: _SpanRow | None = None
+
+
+@dataclass(frozen=True)
+class _RowResult:
+    """A classify row's top-k from its head, an extract row's spans, or an embed row's
+    L2-normalised pooled vector."""
+
+    ids: np.ndarray  # empty for a row without a classifier
     scores: np.ndarray
     probs: np.ndarray | None
     vector: np.ndarray | None  # only for an embed row
     core_seconds: float
+    spans: list[Span] | None = None  # only for an extract row
 
 
 _NO_HEAD = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), None)
@@ -122,7 +163,7 @@ class HeadTable:
         self.slots = {m.key: i for i, m in enumerate(models)}
         self.bank = (
             HeadBank.from_heads(
-                [(m.specialist.head.weight, m.specialist.head.bias) for m in models], device=head_device()
+                [(m.classifier.head.weight, m.classifier.head.bias) for m in models], device=head_device()
             )
             if models
             else None
@@ -145,7 +186,7 @@ class HeadTable:
         width = max(len(r.model.specialist.labels) for r in rows)
         full = np.zeros((len(rows), width), dtype=np.float32) if want else None
         for i, row in enumerate(rows):
-            p = row.model.specialist.head.probs(l2_normalize(pooled[i : i + 1]))[0]
+            p = row.model.classifier.head.probs(l2_normalize(pooled[i : i + 1]))[0]
             order = np.argsort(-p, kind="stable")[:k]
             ids[i, : len(order)] = order
             scores[i, : len(order)] = p[order]
@@ -171,23 +212,40 @@ class EncoderLane:
         )
 
     def _run(self, items: Sequence[Item]) -> list[_RowResult]:
-        """One session call over the batch; classify rows (a ``_Row`` payload) go on through the
-        head bank, embed rows (payload ``None``) come back as normalised pooled vectors."""
+        """One session call over the batch (a ``_Work`` payload per row): classify rows go on
+        through the head bank, extract rows through their token head and span decoding (the
+        same call fetches the token states), embed rows come back as normalised pooled vectors."""
         started = time.perf_counter()
-        pooled = self.encoder.run_padded([item.tokens for item in items])
-        headed = [i for i, item in enumerate(items) if item.payload is not None]
-        headless = [i for i, item in enumerate(items) if item.payload is None]
+        work: list[_Work] = [item.payload for item in items]
+        rows = [item.tokens for item in items]
+        states: list[np.ndarray] | None = None
+        if any(w.extract is not None for w in work):
+            pooled, states = self.encoder.run_pooled_and_states(rows)
+        else:
+            pooled = self.encoder.run_padded(rows)
+        headed = [i for i, w in enumerate(work) if w.classify is not None]
+        embedded = [i for i, w in enumerate(work) if w.classify is None and w.extract is None]
         outputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         if headed:
-            ids, scores, full = self.heads.apply(pooled[headed], [items[i].payload for i in headed])
+            classify_rows = [row for i in headed if (row := work[i].classify) is not None]
+            ids, scores, full = self.heads.apply(pooled[headed], classify_rows)
             for j, i in enumerate(headed):
                 outputs[i] = (ids[j], scores[j], None if full is None else full[j])
-        vectors = dict(zip(headless, l2_normalize(pooled[headless]), strict=True)) if headless else {}
+        spans: dict[int, list[Span]] = {}
+        for i, w in enumerate(work):
+            if w.extract is not None and states is not None:
+                spans[i] = w.extract.extractor.decode(states[i], w.extract.encoded, w.extract.text)
+        vectors = dict(zip(embedded, l2_normalize(pooled[embedded]), strict=True)) if embedded else {}
         wall = time.perf_counter() - started
         total = sum(item.length for item in items)
         # Each text is charged its share of the batch's core time, by token count.
         return [
-            _RowResult(*outputs.get(i, _NO_HEAD), vectors.get(i), wall * self.threads * item.length / total)
+            _RowResult(
+                *outputs.get(i, _NO_HEAD),
+                vectors.get(i),
+                wall * self.threads * item.length / total,
+                spans.get(i),
+            )
             for i, item in enumerate(items)
         ]
 
@@ -286,16 +344,19 @@ class ServingRuntime:
             return policy.model_copy(update={"concurrent_batches": max(policy.concurrent_batches, cores())})
         return policy
 
-    def _open(self, ref: str) -> Specialist:
+    def _open(self, ref: str) -> Served:
         threads = self.settings.intra_op_threads or 1
         config = EncoderConfig(batch=self.settings.batch, intra_op_threads=threads)
-        specialist = load_specialist(ref, self.store, config)
-        lane = self._lanes.get(specialist.manifest.encoder_id)
+        model = load_served(ref, self.store, config)
+        lane = self._lanes.get(model.manifest.encoder_id)
         if lane is not None:  # share the open session instead of a second copy
-            specialist = Specialist(specialist.manifest, specialist.head, lane.encoder)
+            model = replace(model, encoder=lane.encoder)
         # Warm-up: one real text through encoder and head, so the first request pays nothing.
-        specialist.probs(["warm up"])
-        return specialist
+        if isinstance(model, Extractor):
+            model.warm_up()
+        else:
+            model.probs(["warm up"])
+        return model
 
     async def load_model(self, model: str) -> tuple[ModelDescription, int]:
         """AdminService.LoadModel: make ``model`` (a bare name: its newest version) the version bare
@@ -318,12 +379,15 @@ class ServingRuntime:
         """Verify, open and warm one version and add it to the loaded ones; what a bare name gets
         is left as it was."""
         specialist = await asyncio.to_thread(self._open, f"{name}:{version}")
-        if self.router is not None:
+        if self.router is not None and isinstance(specialist, Specialist):
             await self.router.check_model(specialist)
         loaded = Loaded(specialist)
         self._install(loaded)
         # one text through the shared batcher and head bank, so the first caller pays nothing
-        await self._specialist_answers(loaded, ["warm up"], 1, True, None)
+        if isinstance(specialist, Extractor):
+            await self._batched_spans(specialist, ["warm up"], (), None, None)
+        else:
+            await self._specialist_answers(loaded, ["warm up"], 1, True, None)
         return loaded
 
     async def _bring_in_serving(self, name: str) -> Loaded:
@@ -378,7 +442,11 @@ class ServingRuntime:
 
     def _rebuild_heads(self) -> None:
         for encoder_id, lane in list(self._lanes.items()):
-            users = [m for m in self._versions.values() if m.specialist.manifest.encoder_id == encoder_id]
+            users = [
+                m
+                for m in self._versions.values()
+                if m.specialist.manifest.encoder_id == encoder_id and isinstance(m.specialist, Specialist)
+            ]
             lane.heads = HeadTable(users)
 
     async def unload_model(self, model: str) -> int:
@@ -426,7 +494,7 @@ class ServingRuntime:
             return loaded
 
     # ------------------------------------------------------------------ descriptions
-    def _limits(self, spec: Specialist) -> Limits:
+    def _limits(self, spec: Served) -> Limits:
         lim = self.settings.limits
         return Limits(lim.max_texts_per_call, lim.max_text_bytes, spec.encoder.config.max_length)
 
@@ -495,39 +563,87 @@ class ServingRuntime:
             if not text.strip():
                 raise InvalidArgument(f"text {i} is empty: every text needs at least one non-space character")
 
+    def _check_slots(self, texts: Sequence[str], requested_slots: Sequence[Sequence[str]]) -> None:
+        if requested_slots and len(requested_slots) != len(texts):
+            raise InvalidArgument(
+                f"{len(texts)} texts but {len(requested_slots)} requested-slot lists: "
+                "send none or one per text"
+            )
+        for i, slots in enumerate(requested_slots):
+            if len(slots) > MAX_REQUESTED_SLOTS:
+                raise InvalidArgument(
+                    f"text {i} requests {len(slots)} slots; the limit is {MAX_REQUESTED_SLOTS}"
+                )
+            for slot in slots:
+                if not slot.strip() or len(slot) > MAX_SLOT_CHARS:
+                    raise InvalidArgument(
+                        f"text {i} requests slot {slot[:MAX_SLOT_CHARS]!r}: slot names are 1 to "
+                        f"{MAX_SLOT_CHARS} characters"
+                    )
+
+    def _lane(self, model: Served) -> EncoderLane:
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        return self._lanes[model.manifest.encoder_id]
+
     async def _batched(
-        self, spec: Specialist, texts: Sequence[str], row: _Row | None, timeout: float | None
+        self, spec: Served, texts: Sequence[str], row: _Row | None, timeout: float | None
     ) -> tuple[list[_RowResult], list[bool]]:
         """The texts through their encoder's batcher, each with ``row`` (``None``: no head), and
         their truncation flags."""
-        if self.draining:
-            raise Unavailable("the server is shutting down")
-        lane = self._lanes[spec.manifest.encoder_id]
+        lane = self._lane(spec)
         # Off the event loop: a full call of long texts takes the tokenizer a while, and health
         # checks and every other RPC wait for the loop.
         tokenized = await asyncio.to_thread(tokenize_window, spec.encoder, texts)
         deadline = None if timeout is None else time.monotonic() + timeout
-        results = await lane.batcher.submit([(ids, row) for ids in tokenized.ids], deadline)
+        results = await lane.batcher.submit([(ids, _Work(classify=row)) for ids in tokenized.ids], deadline)
         return results, tokenized.truncated
+
+    async def _batched_spans(
+        self,
+        extractor: Extractor,
+        texts: Sequence[str],
+        requested_slots: Sequence[Sequence[str]],
+        row: _Row | None,
+        timeout: float | None,
+    ) -> tuple[list[_RowResult], list[bool]]:
+        """The texts through the extractor's encoder lane as extract rows; with ``row``, each row
+        is also scored by that classifier from the same encoder pass (its tokens must be the
+        classifier's: same encoder, no requested-slot context)."""
+        lane = self._lane(extractor)
+        encoded, truncated = await asyncio.to_thread(encode_window, extractor, texts, requested_slots)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = [
+            (enc.ids, _Work(classify=row, extract=_SpanRow(extractor, text, enc)))
+            for text, enc in zip(texts, encoded, strict=True)
+        ]
+        return await lane.batcher.submit(items, deadline), truncated
 
     async def _specialist_answers(
         self, loaded: Loaded, texts: Sequence[str], k: int, want_probs: bool, timeout: float | None
     ) -> list[SpecialistAnswer]:
         started = time.perf_counter()
-        spec = loaded.specialist
+        spec = loaded.classifier
         results, truncation = await self._batched(spec, texts, _Row(loaded, k, want_probs), timeout)
-        latency_ms = 1000.0 * (time.perf_counter() - started)
-        labels = spec.labels
-        answers = []
-        for result, truncated in zip(results, truncation, strict=True):
-            top = [
-                (labels[int(i)], float(s))
-                for i, s in zip(result.ids[:k], result.scores[:k], strict=True)
-                if i >= 0
-            ]
-            probs = None if result.probs is None else result.probs[: len(labels)]
-            answers.append(SpecialistAnswer(top, probs, truncated, result.core_seconds, latency_ms))
-        return answers
+        return _answers(results, truncation, spec.labels, k, 1000.0 * (time.perf_counter() - started))
+
+    async def _decide(
+        self,
+        loaded: Loaded,
+        texts: Sequence[str],
+        answers: list[SpecialistAnswer],
+        policy: Policy | None,
+        allow_fallback: bool,
+        request_id: str,
+    ) -> ClassifyOutcome:
+        spec = loaded.classifier
+        if self.router is not None:
+            decisions = await self.router.decide(
+                spec, answers, policy, allow_fallback=allow_fallback, request_id=request_id, texts=list(texts)
+            )
+        else:
+            decisions = [_specialist_decision(a) for a in answers]
+        return ClassifyOutcome(spec.name, spec.version, spec.precision, spec.labels, decisions)
 
     async def classify(
         self,
@@ -542,16 +658,62 @@ class ServingRuntime:
     ) -> ClassifyOutcome:
         self._check_texts(texts)
         loaded = await self._resolve(model)
-        spec = loaded.specialist
-        k = min(max(top_k, 1), len(spec.labels))
+        k = min(max(top_k, 1), len(loaded.classifier.labels))
         answers = await self._specialist_answers(loaded, texts, k, want_probs, timeout)
-        if self.router is not None:
-            decisions = await self.router.decide(
-                spec, answers, policy, allow_fallback=allow_fallback, request_id=request_id, texts=list(texts)
-            )
+        return await self._decide(loaded, texts, answers, policy, allow_fallback, request_id)
+
+    async def extract(
+        self,
+        model: str,
+        texts: Sequence[str],
+        requested_slots: Sequence[Sequence[str]] = (),
+        policy: Policy | None = None,
+        timeout: float | None = None,
+        allow_fallback: bool = False,
+        request_id: str = "",
+        classify_model: str = "",
+        top_k: int = 1,
+    ) -> ExtractOutcome:
+        self._check_texts(texts)
+        self._check_slots(texts, requested_slots)
+        extractor = (await self._resolve(model)).extractor
+        fallback = _extraction_route(policy, allow_fallback)
+        classifier = await self._resolve(classify_model) if classify_model else None
+        row = None
+        if classifier is not None:
+            k = min(max(top_k, 1), len(classifier.classifier.labels))
+            row = _Row(classifier, k, False)
+        context = extractor.info.uses_context and any(requested_slots)
+        one_pass = row is not None and not context and _same_encoder(extractor, classifier)
+        started = time.perf_counter()
+        extracting = self._batched_spans(
+            extractor, texts, requested_slots, row if one_pass else None, timeout
+        )
+        answers: list[SpecialistAnswer] | None = None
+        if row is not None and not one_pass:  # a second encoder pass, side by side with the first
+            classifying = self._specialist_answers(row.model, texts, row.k, False, timeout)
+            (results, truncation), answers = await asyncio.gather(extracting, classifying)
         else:
-            decisions = [_specialist_decision(a) for a in answers]
-        return ClassifyOutcome(spec.name, spec.version, spec.precision, spec.labels, decisions)
+            results, truncation = await extracting
+        latency_ms = 1000.0 * (time.perf_counter() - started)
+        if row is not None and answers is None:
+            answers = _answers(results, truncation, row.model.classifier.labels, row.k, latency_ms)
+        classified = None
+        if classifier is not None and answers is not None:
+            classified = await self._decide(classifier, texts, answers, policy, allow_fallback, request_id)
+        extractions = [
+            Extraction(
+                spans=[ExtractedSpan(s.label, s.start, s.end, s.text, s.confidence) for s in r.spans or []],
+                truncated=truncated,
+                latency_ms=latency_ms,
+                cost=Cost(core_seconds=r.core_seconds),
+                fallback=fallback,
+            )
+            for r, truncated in zip(results, truncation, strict=True)
+        ]
+        return ExtractOutcome(
+            extractor.name, extractor.version, extractor.precision, extractor.labels, extractions, classified
+        )
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedOutcome:
         self._check_texts(texts)
@@ -560,6 +722,55 @@ class ServingRuntime:
         results, truncated = await self._batched(spec, texts, None, timeout)
         vectors = np.stack([r.vector for r in results if r.vector is not None])
         return EmbedOutcome(spec.name, spec.version, vectors, truncated)
+
+
+def _same_encoder(extractor: Extractor, classifier: Loaded | None) -> bool:
+    return (
+        classifier is not None and classifier.specialist.manifest.encoder_id == extractor.manifest.encoder_id
+    )
+
+
+def _extraction_route(policy: Policy | None, allow_fallback: bool) -> bool:
+    """Whether the extractor answers as a fallback. Spans have no generalist route yet: a policy
+    that needs one fails as it does for a classifier without a generalist, unless the caller
+    allows the specialist to answer instead."""
+    if policy in (None, Policy.SPECIALIST_ONLY):
+        return False
+    if allow_fallback:
+        return True
+    raise FailedPrecondition(
+        f"policy {policy.value} needs the generalist, which does not extract spans on this appliance; "
+        "use specialist_only or allow_fallback"
+    )
+
+
+def _answers(
+    results: Sequence[_RowResult],
+    truncation: Sequence[bool],
+    labels: Sequence[str],
+    k: int,
+    latency_ms: float,
+) -> list[SpecialistAnswer]:
+    """Classify rows' results as the specialist's answers."""
+    answers = []
+    for result, truncated in zip(results, truncation, strict=True):
+        top = [
+            (labels[int(i)], float(s))
+            for i, s in zip(result.ids[:k], result.scores[:k], strict=True)
+            if i >= 0
+        ]
+        probs = None if result.probs is None else result.probs[: len(labels)]
+        answers.append(SpecialistAnswer(top, probs, truncated, result.core_seconds, latency_ms))
+    return answers
+
+
+def encode_window(
+    extractor: Extractor, texts: Sequence[str], requested_slots: Sequence[Sequence[str]]
+) -> tuple[list[Encoded], list[bool]]:
+    """:func:`tokenize_window` for an extractor: the same cut, offsets into the text as sent."""
+    bound = extractor.encoder.config.max_length * CHARS_PER_TOKEN
+    encoded = extractor.encode([text[:bound] for text in texts], requested_slots)
+    return encoded, [len(text) > bound or enc.truncated for text, enc in zip(texts, encoded, strict=True)]
 
 
 def tokenize_window(encoder: OnnxEncoder, texts: Sequence[str]) -> Tokenized:

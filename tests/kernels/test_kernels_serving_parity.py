@@ -32,10 +32,10 @@ class _Spec:
 
 
 class _Loaded:
-    """What HeadTable reads of a loaded specialist: its key and its head."""
+    """What HeadTable reads of a loaded specialist: its key and its head (as a classifier)."""
 
     def __init__(self, spec: _Spec) -> None:
-        self.specialist = spec
+        self.specialist = self.classifier = spec
         self.key = (spec.name, 1)
 
 

@@ -54,8 +54,9 @@ def published_home(root: Path) -> Path:
 class LiveServer:
     """The product's gRPC server and runtime on a private event loop in a background thread."""
 
-    def __init__(self, home: Path, **settings: object) -> None:
+    def __init__(self, home: Path, models: tuple[str, ...] = (MODEL,), **settings: object) -> None:
         self.home = home
+        self.models = models
         self.settings = ServerSettings(host="127.0.0.1", port=0, pki_dir=home / "pki", **settings)  # type: ignore[arg-type]
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="live-server", daemon=True)
@@ -78,12 +79,13 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self) -> int:
-        runtime = ServingRuntime(RuntimeSettings(models=(MODEL,)), store=ModelStore(self.home))
+        runtime = ServingRuntime(RuntimeSettings(models=self.models), store=ModelStore(self.home))
+        self.runtime = runtime
         self.server = ApplianceServer(runtime, self.settings)
         port = await self.server.start()
         await runtime.start()
         if not runtime.is_ready():
-            raise RuntimeError(f"{MODEL} did not load; see the log")
+            raise RuntimeError(f"{self.models} did not load: {runtime.start_errors}")
         return port
 
     @property

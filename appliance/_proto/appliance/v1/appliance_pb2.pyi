@@ -129,6 +129,84 @@ class ClassifyResponse(_message.Message):
     request_id: str
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
+class RequestedSlots(_message.Message):
+    __slots__ = ("slots",)
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    slots: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slots: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExtractRequest(_message.Message):
+    __slots__ = ("model", "texts", "requested_slots", "policy", "request_id", "allow_fallback", "classify_model", "top_k")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    requested_slots: _containers.RepeatedCompositeFieldContainer[RequestedSlots]
+    policy: Policy
+    request_id: str
+    allow_fallback: bool
+    classify_model: str
+    top_k: int
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., requested_slots: _Optional[_Iterable[_Union[RequestedSlots, _Mapping]]] = ..., policy: _Optional[_Union[Policy, str]] = ..., request_id: _Optional[str] = ..., allow_fallback: _Optional[bool] = ..., classify_model: _Optional[str] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("label", "start", "end", "text", "confidence", "route")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    start: int
+    end: int
+    text: str
+    confidence: float
+    route: Route
+    def __init__(self, label: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., confidence: _Optional[float] = ..., route: _Optional[_Union[Route, str]] = ...) -> None: ...
+
+class Extraction(_message.Message):
+    __slots__ = ("spans", "truncated", "latency_ms", "cost", "escalation_id", "fallback", "classification")
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    spans: _containers.RepeatedCompositeFieldContainer[Span]
+    truncated: bool
+    latency_ms: float
+    cost: Cost
+    escalation_id: str
+    fallback: bool
+    classification: Classification
+    def __init__(self, spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., truncated: _Optional[bool] = ..., latency_ms: _Optional[float] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., escalation_id: _Optional[str] = ..., fallback: _Optional[bool] = ..., classification: _Optional[_Union[Classification, _Mapping]] = ...) -> None: ...
+
+class ExtractResponse(_message.Message):
+    __slots__ = ("model", "version", "precision", "results", "request_id", "classify_model", "classify_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    precision: Precision
+    results: _containers.RepeatedCompositeFieldContainer[Extraction]
+    request_id: str
+    classify_model: str
+    classify_version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., results: _Optional[_Iterable[_Union[Extraction, _Mapping]]] = ..., request_id: _Optional[str] = ..., classify_model: _Optional[str] = ..., classify_version: _Optional[int] = ...) -> None: ...
+
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "texts", "request_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]

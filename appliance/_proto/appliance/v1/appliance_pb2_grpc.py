@@ -46,6 +46,11 @@ class InferenceServiceStub:
                 request_serializer=appliance_dot_v1_dot_appliance__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=appliance_dot_v1_dot_appliance__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Extract = channel.unary_unary(
+                '/appliance.v1.InferenceService/Extract',
+                request_serializer=appliance_dot_v1_dot_appliance__pb2.ExtractRequest.SerializeToString,
+                response_deserializer=appliance_dot_v1_dot_appliance__pb2.ExtractResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -67,6 +72,15 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Extract(self, request, context):
+        """A batch of texts in; per text the spans a span extractor found (label, offsets, text,
+        confidence, route), latency, cost and truncation. Limits, deadlines and statuses as Classify;
+        the scope is `extract:<model>` (and `classify:<classify_model>` when that is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +93,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=appliance_dot_v1_dot_appliance__pb2.EmbedRequest.FromString,
                     response_serializer=appliance_dot_v1_dot_appliance__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Extract': grpc.unary_unary_rpc_method_handler(
+                    servicer.Extract,
+                    request_deserializer=appliance_dot_v1_dot_appliance__pb2.ExtractRequest.FromString,
+                    response_serializer=appliance_dot_v1_dot_appliance__pb2.ExtractResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +156,33 @@ class InferenceService:
             '/appliance.v1.InferenceService/Embed',
             appliance_dot_v1_dot_appliance__pb2.EmbedRequest.SerializeToString,
             appliance_dot_v1_dot_appliance__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Extract(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.v1.InferenceService/Extract',
+            appliance_dot_v1_dot_appliance__pb2.ExtractRequest.SerializeToString,
+            appliance_dot_v1_dot_appliance__pb2.ExtractResponse.FromString,
             options,
             channel_credentials,
             insecure,
