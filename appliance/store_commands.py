@@ -22,6 +22,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rm = msub.add_parser("rm", help="delete a version (NAME:VERSION) or every version (NAME)")
     rm.add_argument("model")
     rm.set_defaults(func=run_rm)
+    verify = msub.add_parser("verify", help="run a version's self-check set on this CPU")
+    verify.add_argument("model", help="NAME or NAME:VERSION")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=run_verify)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -74,3 +78,33 @@ def run_rm(args: argparse.Namespace) -> int:
     name = args.model.partition(":")[0]
     print(f"removed {name} versions {', '.join(map(str, removed))}")
     return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when this CPU agrees with the factory at least as often as the bound asks, else 1."""
+    from appliance.engines.specialist import load_specialist, self_check
+
+    try:
+        specialist = load_specialist(args.model)
+    except ApplianceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = self_check(specialist)
+    info = specialist.spec.self_check
+    if result is None or info is None:
+        print(f"error: {specialist.spec.ref} was published without a self-check set", file=sys.stderr)
+        return 2
+    if args.json:
+        factory = {
+            "fp32_agreement": info.factory_fp32_agreement,
+            "accuracy": info.factory_accuracy,
+            "cpu": info.factory_cpu,
+        }
+        print(json.dumps({"model": specialist.spec.ref, **result.to_dict(), "factory": factory}))
+    else:
+        print(f"{specialist.spec.ref}: {result.describe()}")
+        print(
+            f"in the factory: accuracy {info.factory_accuracy:.4f}, agreement with fp32 "
+            f"{info.factory_fp32_agreement:.4f} ({info.factory_cpu})"
+        )
+    return 0 if result.passed else 1

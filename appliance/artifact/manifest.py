@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from appliance.artifact.head import HEAD_FILE
+from appliance.artifact.selfcheck import SELF_CHECK_FILE
 from appliance.artifact.spans import TAGGER_FILE, tag_names
 
 SCHEMA_VERSION = 2
@@ -73,6 +74,18 @@ class Quantization(_Part):
     max_drop_points: float
     decision: Precision
     reason: str
+
+
+class SelfCheck(_Part):
+    """The self-check set every server runs before it serves this version
+    (:mod:`appliance.artifact.selfcheck`), and what the published precision scored in the factory."""
+
+    file: str = SELF_CHECK_FILE
+    n: int
+    min_agreement: float  # below this label agreement with the factory, a server refuses the version
+    factory_fp32_agreement: float  # the published precision's labels against fp32's, in the factory
+    factory_accuracy: float
+    factory_cpu: str  # the instruction sets of the CPU it was built and checked on
 
 
 class DataFingerprint(_Part):
@@ -158,6 +171,7 @@ class SpecialistFields(_Part):
     columns: Columns | None = None
     lineage: Lineage | None = None
     extractor: ExtractorInfo | None = None  # kind span_extractor only
+    self_check: SelfCheck | None = None  # classifiers published before self-checks have none
 
     @model_validator(mode="after")
     def _consistent(self) -> SpecialistFields:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -9,8 +10,12 @@ import numpy as np
 
 from appliance.artifact.head import Head
 from appliance.artifact.manifest import SpecialistManifest
+from appliance.artifact.selfcheck import SelfCheckResult, SelfCheckSet, score
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
+from appliance.errors import FailedPrecondition
 from appliance.store import Manifest, ModelStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,23 @@ def load_specialist(
 def specialist_from(store: ModelStore, manifest: Manifest, config: EncoderConfig | None = None) -> Specialist:
     """The classifier a verified manifest describes."""
     return Specialist(manifest, Head.load(manifest.folder), open_encoder(store, manifest, config))
+
+
+def self_check(specialist: Specialist) -> SelfCheckResult | None:
+    """The version's self-check set run on this CPU; None for a version published without one."""
+    info = specialist.spec.self_check
+    if info is None:
+        return None
+    check = SelfCheckSet.load(specialist.manifest.folder / info.file)
+    probs, _ = specialist.probs(check.texts)
+    return score(check, probs, info.min_agreement)
+
+
+def require_self_check(specialist: Specialist) -> None:
+    """Refuse (FailedPrecondition) a version whose labels on this CPU stray from the factory's."""
+    result = self_check(specialist)
+    if result is None:
+        return
+    if not result.passed:
+        raise FailedPrecondition(f"{specialist.spec.ref} refused: {result.describe()}")
+    log.info("%s: %s", specialist.spec.ref, result.describe())

@@ -19,6 +19,21 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.2f}%"  # x != x: NaN
 
 
+def _self_check_lines(fields: SpecialistFields) -> list[str]:
+    check = fields.self_check
+    if check is None:
+        return []
+    return [
+        "",
+        "## Self-check on every server",
+        f"{check.n} held-out texts with this version's labels ship in `{check.file}`. Checked on a CPU "
+        f"with {check.factory_cpu}: {_pct(check.factory_accuracy)} accurate, {fields.precision} agreeing "
+        f"with fp32 on {_pct(check.factory_fp32_agreement)}. A server refuses this version when it "
+        f"agrees with these labels on less than {_pct(check.min_agreement)} of the texts; "
+        "`appliance models verify` runs the check.",
+    ]
+
+
 def render(
     spec: TrainSpec,
     fields: SpecialistFields,
@@ -52,6 +67,7 @@ def render(
         "## Precision",
         f"Published as **{fields.precision}**. {quant.reason}.",
         f"fp32 held-out accuracy {_pct(quant.fp32_accuracy)}, int8 {_pct(quant.int8_accuracy)}.",
+        *_self_check_lines(fields),
         "",
         "## Held-out results",
         "| metric | value |",

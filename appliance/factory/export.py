@@ -1,8 +1,10 @@
-"""Encoder export: Hugging Face encoder → ONNX (mean-pooled rows) → fused → int8.
+"""Encoder export: Hugging Face encoder → ONNX (mean-pooled rows) → fused → static int8.
 
 The exported graph takes ``input_ids`` and ``attention_mask`` ``[batch, seq]`` and returns the
-masked mean of the last hidden states, ``pooled [batch, dim]``. Normalisation and the head stay
-outside the graph, so one encoder artifact serves every specialist built on it.
+masked mean of the last hidden states, ``pooled [batch, dim]``, and the last hidden states
+themselves, ``states [batch, seq, dim]``, for span extractors. Normalisation and the heads stay
+outside the graph, so one encoder artifact serves every classifier and extractor built on it (a
+session asked for both outputs runs the encoder once).
 """
 
 from __future__ import annotations
@@ -10,30 +12,36 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from appliance.artifact.torch_maths import masked_mean_pool
+from appliance.factory.int8 import TextBatches, default_calibration_texts, quantize_int8
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
+CALIBRATION_WINDOW = 128  # tokens per calibration text: the factory's default serving window
 # Tokenizer files copied next to the ONNX graph so an encoder artifact is self-contained.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 class MeanPooledEncoder(nn.Module):
-    """Wraps an encoder so its output is the attention-masked mean of the token states."""
+    """Wraps an encoder so its outputs are the attention-masked mean of the token states, and the
+    token states."""
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return masked_mean_pool(states, attention_mask)
+        return masked_mean_pool(states, attention_mask), states
 
 
 def export_onnx(encoder: nn.Module, out_path: Path) -> Path:
@@ -47,11 +55,12 @@ def export_onnx(encoder: nn.Module, out_path: Path) -> Path:
             (ids, mask),
             str(out_path),
             input_names=["input_ids", "attention_mask"],
-            output_names=["pooled"],
+            output_names=["pooled", "states"],
             dynamic_axes={
                 "input_ids": {0: "batch", 1: "seq"},
                 "attention_mask": {0: "batch", 1: "seq"},
                 "pooled": {0: "batch"},
+                "states": {0: "batch", 1: "seq"},
             },
             opset_version=OPSET,
             dynamo=False,
@@ -76,32 +85,20 @@ def fuse(onnx_path: Path, out_path: Path, num_heads: int, hidden_size: int) -> P
     return out_path
 
 
-def quantize_int8(onnx_path: Path, out_path: Path) -> Path:
-    """Dynamic int8, per-channel weights.
-
-    Per-channel keeps the embedding cosine near 0.99 on MiniLM, where per-tensor falls to 0.97
-    and costs more than half a point of Banking77 accuracy (ENVIRONMENT.md).
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(onnx_path),
-        str(out_path),
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        # fused contrib ops carry no inferred types; their tensors are float
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
-    return out_path
-
-
-def export_encoder_folders(base: Path, out_dir: Path, encoder: nn.Module | None = None) -> dict[str, Path]:
+def export_encoder_folders(
+    base: Path,
+    out_dir: Path,
+    encoder: nn.Module | None = None,
+    calibration_texts: Sequence[str] | None = None,
+    window: int = CALIBRATION_WINDOW,
+) -> dict[str, Path]:
     """Write ``out_dir/fp32`` and ``out_dir/int8``, each a self-contained encoder folder
     (fused ``model.onnx`` plus tokenizer files), ready for :meth:`ModelStore.put_encoder`.
 
     ``encoder`` overrides the weights in ``base`` (a fine-tuned encoder); the tokenizer and the
-    architecture always come from ``base``.
+    architecture always come from ``base``. ``calibration_texts`` set the int8 activation ranges
+    (default: a fixed sample of the packaged Banking77 training texts, so a base exports the same
+    int8 encoder wherever it is exported).
     """
     from transformers import AutoConfig, AutoModel
 
@@ -117,5 +114,7 @@ def export_encoder_folders(base: Path, out_dir: Path, encoder: nn.Module | None 
     with tempfile.TemporaryDirectory() as tmp:
         raw = export_onnx(encoder, Path(tmp) / "raw.onnx")
         fuse(raw, folders["fp32"] / "model.onnx", config.num_attention_heads, config.hidden_size)
-    quantize_int8(folders["fp32"] / "model.onnx", folders["int8"] / "model.onnx")
+    texts = default_calibration_texts() if calibration_texts is None else calibration_texts
+    calibration = TextBatches(folders["fp32"] / "tokenizer.json", texts, window)
+    quantize_int8(folders["fp32"] / "model.onnx", folders["int8"] / "model.onnx", calibration)
     return folders

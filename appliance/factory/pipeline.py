@@ -27,10 +27,12 @@ from appliance.artifact.manifest import (
     HeadInfo,
     Lineage,
     Quantization,
+    SelfCheck,
     SpecialistFields,
     TrainedFrom,
     TrainingData,
 )
+from appliance.artifact.selfcheck import MIN_AGREEMENT, SELF_CHECK_TEXTS, SelfCheckSet, score
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
 from appliance.errors import InvalidArgument
 from appliance.factory import card
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 
 # int8 is published only if its held-out accuracy is within this many points of fp32.
 INT8_MAX_DROP_POINTS = 0.5
-EXPORT_VERSION = "onnx17-meanpool-fused-int8pc-v1"
+# v2: the graph also returns the token states (span extractors share the encoder).
+# v3: static int8 (calibrated activation scales), so an answer does not depend on its batch.
+EXPORT_VERSION = "onnx17-meanpool-states-fused-int8static-v3"
 DEFAULT_WINDOW = 128
 Progress = Callable[[str], None]
 
@@ -182,6 +186,29 @@ def _load_sets(
     return train, heldout, warnings
 
 
+def _self_check(
+    texts: list[str],
+    y: np.ndarray,
+    fp32_probs: np.ndarray,
+    published_probs: np.ndarray,
+    seed: int,
+) -> tuple[SelfCheckSet, SelfCheck]:
+    """A seeded sample of the held-out texts with the published precision's and fp32's answers, and
+    how they compare here (every server scores the set again before it serves the version)."""
+    rows = np.sort(np.random.default_rng(seed).permutation(len(texts))[:SELF_CHECK_TEXTS])
+    picked = [texts[i] for i in rows]
+    check = SelfCheckSet.from_probs(picked, y[rows], published_probs[rows], fp32_probs[rows])
+    here = score(check, published_probs[rows], MIN_AGREEMENT)
+    info = SelfCheck(
+        n=here.n,
+        min_agreement=MIN_AGREEMENT,
+        factory_fp32_agreement=here.fp32_agreement,
+        factory_accuracy=here.accuracy,
+        factory_cpu=here.cpu,
+    )
+    return check, info
+
+
 def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress = log.info) -> TrainResult:
     store = store or ModelStore()
     from appliance.store import validate_name
@@ -240,7 +267,8 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
     head = fit_logistic(x_train, y_train, len(labels), spec.head_c)
     timings["head"] = time.perf_counter() - t
 
-    reports = {p: evaluate(head.probs(x), y_held, labels, spec.target_precision) for p, x in x_held.items()}
+    held_probs = {p: head.probs(x) for p, x in x_held.items()}
+    reports = {p: evaluate(probs, y_held, labels, spec.target_precision) for p, probs in held_probs.items()}
     precision, reason = gate(reports["fp32"].accuracy, reports["int8"].accuracy)
     quantization = Quantization(
         fp32_accuracy=reports["fp32"].accuracy,
@@ -251,6 +279,9 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
         reason=reason,
     )
     report = reports[precision]
+    check, check_info = _self_check(
+        heldout.texts, y_held, held_probs["fp32"], held_probs[precision], spec.seed
+    )
     progress(f"held-out accuracy {report.accuracy:.4f} ({precision}); {quantization.reason}")
 
     train_fingerprint = dataset.fingerprint(train_set)
@@ -281,10 +312,12 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
             parent_version=published[-1] if published else None,
             trained_from=TrainedFrom(fingerprint=str(train_fingerprint["sha256"]), source=spec.data.name),
         ),
+        self_check=check_info,
     )
     timings["total"] = time.perf_counter() - started
     with store.staging(spec.name) as stage:
         head.save(stage.folder)
+        check.save(stage.folder)
         (stage.folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float))
         (stage.folder / card.CARD_FILE).write_text(card.render(spec, fields, report, warnings, timings))
         manifest = stage.commit(fields.model_dump())

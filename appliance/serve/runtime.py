@@ -37,7 +37,7 @@ from appliance.artifact.spans import Encoded, Span
 from appliance.batching import BatchSettings
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder, Tokenized, cores
 from appliance.engines.extractor import Extractor, Served, load_served
-from appliance.engines.specialist import Specialist
+from appliance.engines.specialist import Specialist, require_self_check
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from appliance.router.interface import Router
 from appliance.serve.batcher import Batcher, BatchStats, Item
@@ -351,11 +351,13 @@ class ServingRuntime:
         lane = self._lanes.get(model.manifest.encoder_id)
         if lane is not None:  # share the open session instead of a second copy
             model = replace(model, encoder=lane.encoder)
-        # Warm-up: one real text through encoder and head, so the first request pays nothing.
+        # Warm-up: real texts through encoder and head, so the first request pays nothing. A
+        # classifier runs its self-check set, on this CPU, and is refused if its labels stray.
         if isinstance(model, Extractor):
             model.warm_up()
         else:
             model.probs(["warm up"])
+            require_self_check(model)
         return model
 
     async def load_model(self, model: str) -> tuple[ModelDescription, int]:
