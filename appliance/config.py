@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from appliance.security.files import make_private_dir
+
 # Usage statistics and hub access off, for this process and every child it starts.
 OFFLINE_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -76,5 +78,5 @@ def encoders_dir() -> Path:
 def state_dir(name: str) -> Path:
     """A named sub-folder of the appliance home (``pki``, ``tokens``, ``audit``, ``run``, ...)."""
     path = appliance_home() / name
-    path.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path)  # 0700 whatever the umask (0750 where the home is shared with a group)
     return path

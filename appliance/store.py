@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from appliance import config
 from appliance.artifact.manifest import SpecialistManifest
 from appliance.errors import IntegrityError, InvalidArgument, NotFound
+from appliance.security.files import make_private_dir, private_mode, restrict_tree
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -202,10 +203,11 @@ class ModelStore:
     def set_serving_version(self, name: str, version: int) -> None:
         """Record the serving choice durably: a temporary file, fsynced, renamed over the old one."""
         folder = self.models_root / validate_name(name)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dir(folder)
         temp = folder / f"{_STAGING_PREFIX}{SERVING}-{secrets.token_hex(4)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            os.fchmod(fd, private_mode(folder, folder=False))
             os.write(fd, f"{version}\n".encode("ascii"))
             os.fsync(fd)
         finally:
@@ -269,13 +271,14 @@ class ModelStore:
         target = self.encoders_root / encoder_id
         if (target / ENCODER_MANIFEST).is_file():
             return encoder_id
-        self.encoders_root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.encoders_root)
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self.encoders_root))
         try:
             for rel in files:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source / rel, staging / rel)
             (staging / ENCODER_MANIFEST).write_bytes(canonical_json({**info, "files": files}))
+            restrict_tree(staging, like=self.encoders_root)
             _fsync_tree(staging)
             try:
                 os.rename(staging, target)
@@ -293,7 +296,7 @@ class ModelStore:
         Leaving the block without ``commit`` (an error, an interrupt) deletes the folder.
         """
         folder = self.models_root / validate_name(name)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dir(folder)
         stage = Staging(self, name, Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=folder)))
         try:
             yield stage
@@ -346,6 +349,7 @@ class Staging:
             (self.folder / MANIFEST).write_bytes(raw)
             key = signing.ensure_signing_key(self.store.keys_dir)
             (self.folder / SIGNATURE).write_text(signing.sign_manifest(raw, key))
+            restrict_tree(self.folder, like=self.folder.parent)  # files written with the umask's modes
             _fsync_tree(self.folder)
             target = self.store.path(self.name, version)
             try:

@@ -95,6 +95,12 @@ class ApplianceServer:
     # ------------------------------------------------------------------ building
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if not self.settings.auth:
+            if not is_loopback(self.settings.host):
+                # without tokens anyone who can reach the port may classify, load and unload models
+                raise FailedPrecondition(
+                    f"refusing auth: false on {self.settings.host}: a server without tokens binds to "
+                    "loopback only (set auth: true, or bind 127.0.0.1)"
+                )
             return []
         from appliance.security.audit import AuditLog, stream_dir
         from appliance.security.interceptor import AuthAuditInterceptor, open_prefixes

@@ -28,6 +28,7 @@ specialist's cost: both were spent.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from appliance.types import Decision, Policy, Route, SpecialistAnswer
 
 if TYPE_CHECKING:
     from appliance.engines.specialist import Specialist
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONCURRENCY = 8
 
@@ -115,8 +118,12 @@ class Cascade:
     async def flush(self) -> None:
         """Write the decision rows still buffered."""
         rows, self._pending = self._pending, []
-        if rows:
+        if not rows:
+            return
+        try:
             await asyncio.to_thread(self.escalations.record_decisions, rows)
+        except ApplianceError as e:  # report rows only, never acknowledged: the answers stand
+            log.warning("dropped %d decision rows: %s", len(rows), e.message)
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -174,6 +181,8 @@ class Cascade:
         if wanted:
             reason = self._why_not_generalist(ref)
             if reason is None:
+                if (problem := self.escalations.problem) is not None:
+                    raise FailedPrecondition(problem)  # before the generalist spends time on them
                 asked = await self._ask(ref, texts, wanted)
             elif allow_fallback:
                 fallbacks = set(wanted)

@@ -12,25 +12,47 @@ failure. A decision batch committed with escalations shares their durable transa
 
 The store is thread-safe (one lock around its two write connections; reads open their own), and
 async code calls it through ``asyncio.to_thread``.
+
+Faults of the database become the caller's status, and never stop the server. The server opens
+its store with ``strict=False``: a file that is not a usable escalation database (corrupt, a newer
+schema, unreadable) leaves the store *unusable*, every write refused with FAILED_PRECONDITION
+"escalation store unusable: ..." (reopening is tried again every few seconds), while the answers
+that need no record keep being served. A full disk is RESOURCE_EXHAUSTED: the status gRPC defines
+for "the entire file system is out of space", where UNAVAILABLE would tell clients to retry what
+only an operator can fix. A failed write is rolled back whole, so what was acknowledged stays and
+nothing half-written does; once space is freed, writes succeed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.errors import FailedPrecondition, InvalidArgument, NotFound
+from appliance.errors import (
+    ApplianceError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from appliance.security.files import create_private_file, make_private_dir
 from appliance.types import Cost
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+REOPEN_INTERVAL_S = 5.0  # how often an unusable store tries to open its database again
 
 # The schema as it stands at SCHEMA_VERSION. SQLite keeps these comments in sqlite_master, so the
 # database documents itself. Times are stored twice: ISO 8601 UTC text for people, epoch seconds
@@ -213,12 +235,17 @@ class Summary:
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
     # Autocommit mode (isolation_level=None): transactions are the explicit BEGIN/COMMITs below.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        conn.close()
-        raise FailedPrecondition(f"{path}: SQLite refused WAL mode (got {mode!r}); is it on a network share?")
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise FailedPrecondition(
+                f"{path}: SQLite refused WAL mode (got {mode!r}); is it on a network share?"
+            )
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()  # a file that is not a database fails here
+        raise
     return conn
 
 
@@ -251,23 +278,70 @@ def migrate(conn: sqlite3.Connection, migrations: dict[int, str], target: int = 
 
 
 class EscalationStore:
-    def __init__(self, path: Path, store_texts: bool = False) -> None:
+    """``strict``: a database that cannot be opened raises here; otherwise the store starts
+    unusable (see :attr:`problem`) and keeps trying to open it."""
+
+    def __init__(self, path: Path, store_texts: bool = False, *, strict: bool = True) -> None:
         self.path = Path(path)
         self.store_texts = store_texts
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._durable = _connect(self.path, "FULL")
+        self._connections: tuple[sqlite3.Connection, sqlite3.Connection] | None = None
+        self._problem: str | None = None
+        self._tried = 0.0
+        if strict:
+            self._connections = _open_writers(self.path)
+        else:
+            with self._lock:
+                self._reopen()
+
+    @property
+    def problem(self) -> str | None:
+        """Why writes are refused ("escalation store unusable: ..."), or None when it is usable.
+
+        Cheap enough for the event loop: it never waits for a write in progress."""
+        if self._connections is None and self._lock.acquire(blocking=False):
+            try:
+                self._reopen()
+            finally:
+                self._lock.release()
+        return self._problem
+
+    def _reopen(self) -> None:
+        """Try to open the database, at most every REOPEN_INTERVAL_S. Caller holds ``_lock``."""
+        if time.monotonic() - self._tried < REOPEN_INTERVAL_S and self._problem is not None:
+            return
+        self._tried = time.monotonic()
         try:
-            migrate(self._durable, MIGRATIONS)
-            self._relaxed = _connect(self.path, "NORMAL")
-        except BaseException:
-            self._durable.close()
-            raise
+            self._connections = _open_writers(self.path)
+        except (sqlite3.Error, OSError, ApplianceError) as exc:
+            detail = exc.message if isinstance(exc, ApplianceError) else f"{self.path}: {exc}"
+            problem = f"escalation store unusable: {detail}"
+            if problem != self._problem:
+                log.error("%s; answers that need a record are refused until it is fixed", problem)
+            self._problem = problem
+            return
+        if self._problem is not None:
+            log.warning("escalation store %s is usable again", self.path)
+        self._problem = None
+
+    def _writer(self, durable: bool) -> sqlite3.Connection:
+        """The durable or the relaxed write connection. Caller holds ``_lock``."""
+        if self._connections is None:
+            self._reopen()
+        if self._connections is None:
+            raise FailedPrecondition(self._problem or "escalation store unusable")
+        return self._connections[0 if durable else 1]
 
     def close(self) -> None:
         with self._lock:
-            self._relaxed.close()
-            self._durable.close()
+            self._close_writers()
+
+    def _close_writers(self) -> None:
+        """Close both write connections. Caller holds ``_lock``."""
+        if self._connections is not None:
+            for conn in reversed(self._connections):
+                conn.close()
+            self._connections = None
 
     def __enter__(self) -> EscalationStore:
         return self
@@ -290,16 +364,29 @@ class EscalationStore:
         if not escalation_rows and not decision_rows:
             return []
         with self._lock:
-            conn = self._durable if escalation_rows else self._relaxed
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            conn = self._writer(durable=bool(escalation_rows))
+            with self._transaction(conn):
                 conn.executemany(_insert("escalations", ESCALATION_COLUMNS), escalation_rows)
                 conn.executemany(_insert("decisions", DECISION_COLUMNS), decision_rows)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         return [e.id for e in escalations]
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; on any failure (COMMIT's own included) roll back whole, and
+        turn a database fault into the caller's status."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:  # SQLite may have rolled back already; the next BEGIN tells
+                    log.exception("rollback of a failed escalation write failed")
+            if isinstance(exc, sqlite3.Error):
+                raise self._fault(exc) from exc
+            raise
 
     def record_escalation(self, escalation: EscalationRecord) -> str:
         return self.record([escalation], [])[0]
@@ -312,9 +399,8 @@ class EscalationStore:
             raise InvalidArgument("a correction needs a label and a source")
         now = time.time()
         with self._lock:
-            conn = self._durable
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            conn = self._writer(durable=True)
+            with self._transaction(conn):
                 known = conn.execute("SELECT 1 FROM escalations WHERE id = ?", (escalation_id,)).fetchone()
                 if known is None:
                     raise NotFound(f"no escalation with id {escalation_id!r}")
@@ -324,11 +410,23 @@ class EscalationStore:
                     " VALUES (?, ?, ?, ?, ?)",
                     (escalation_id, corrected_label, source, _iso(now), now),
                 )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         return int(cursor.lastrowid or 0)
+
+    def _fault(self, exc: sqlite3.Error) -> ApplianceError:
+        """The status for a failed write: the disk is full, the file is damaged, or it is busy.
+        Caller holds ``_lock``."""
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+        if code == sqlite3.SQLITE_FULL:
+            log.error("escalation store %s: the disk is full (%s)", self.path, exc)
+            return ResourceExhausted(f"escalation store full: no space left for {self.path.name} ({exc})")
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            log.error("escalation store %s is damaged: %s", self.path, exc)
+            self._problem = f"escalation store unusable: {self.path}: {exc}"
+            self._tried = time.monotonic()
+            self._close_writers()  # refused at once from now on; reopened when the file is fixed
+            return FailedPrecondition(self._problem)
+        log.error("escalation store %s: write failed: %s", self.path, exc)
+        return Unavailable(f"escalation store unavailable: {exc}")
 
     def _escalation_row(self, e: EscalationRecord, now: float) -> tuple[object, ...]:
         epoch = now if e.created_epoch is None else e.created_epoch
@@ -375,6 +473,19 @@ class EscalationStore:
         finally:
             conn.close()
         return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+
+def _open_writers(path: Path) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    """The durable (migrated) and the relaxed write connection of the database at ``path``."""
+    make_private_dir(path.parent)
+    create_private_file(path)  # before SQLite makes it, so that its -wal and -shm share the mode
+    durable = _connect(path, "FULL")
+    try:
+        migrate(durable, MIGRATIONS)
+        return durable, _connect(path, "NORMAL")
+    except BaseException:
+        durable.close()
+        raise
 
 
 def _insert(table: str, columns: Sequence[str]) -> str:

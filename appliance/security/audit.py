@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from appliance.config import state_dir
-from appliance.security.files import fsync_dir
+from appliance.security.files import fsync_dir, make_private_dir, open_private_append
 
 GENESIS = "0" * 64
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -112,7 +112,7 @@ class AuditLog:
         if max_bytes < 1:
             raise ValueError("max_bytes must be positive")
         self.dir = Path(folder) if folder is not None else state_dir("audit")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.dir)
         self.max_bytes = max_bytes
         self._lock_fd = _lock_folder(self.dir)
         self._queue: queue.Queue[tuple[Mapping[str, Any], asyncio.Future[None] | None] | _Stop] = queue.Queue(
@@ -126,7 +126,7 @@ class AuditLog:
         self._closed = False
         self._file_n, self._seq, self._prev = _recover(self.dir)  # writer-thread state
         self._head = (self._seq - 1, self._prev)
-        self._file: IO[bytes] = open(self.dir / file_name(self._file_n), "ab")  # noqa: SIM115
+        self._file: IO[bytes] = open_private_append(self.dir / file_name(self._file_n))
         fsync_dir(self.dir)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -264,7 +264,7 @@ class AuditLog:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file_n += 1
-        self._file = open(self.dir / file_name(self._file_n), "ab")  # noqa: SIM115
+        self._file = open_private_append(self.dir / file_name(self._file_n))
         fsync_dir(self.dir)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from appliance.config import state_dir
 from appliance.errors import ApplianceError
 from appliance.security import audit, pki
-from appliance.security.tokens import TokenStore
+from appliance.security.tokens import TokenStore, parse_duration
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -62,6 +62,7 @@ def _register_tokens(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     parser = subparsers.add_parser("tokens", help="scoped bearer tokens for the gRPC API")
     commands = parser.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
     file_help = "token file (default: $APPLIANCE_HOME/tokens/tokens.json)"
+    expiry_help = "lifetime of the secret: a whole number and s, m, h, d or w, e.g. 30d"
 
     create = commands.add_parser(
         "create", help="create a token; its secret is printed once, on the last line"
@@ -76,11 +77,31 @@ def _register_tokens(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="classify:<model>|classify:*, extract:<model>|extract:*, embed:<model>|embed:*, generate, "
         "models:read, admin (repeatable)",
     )
+    create.add_argument(
+        "--expires-in", default=None, metavar="DURATION", help=f"{expiry_help} (default: never)"
+    )
     create.add_argument("--file", default=None, help=file_help)
     create.set_defaults(func=_tokens_create)
 
+    rotate = commands.add_parser(
+        "rotate",
+        help="a new secret for NAME (printed on the last line); the old one works until the overlap ends",
+    )
+    rotate.add_argument("name", metavar="NAME")
+    rotate.add_argument(
+        "--overlap", required=True, metavar="DURATION", help="how long the old secret keeps working, e.g. 1h"
+    )
+    rotate.add_argument(
+        "--expires-in",
+        default=None,
+        metavar="DURATION",
+        help=f"{expiry_help} (default: the old token's lifetime)",
+    )
+    rotate.add_argument("--file", default=None, help=file_help)
+    rotate.set_defaults(func=_tokens_rotate)
+
     listing = commands.add_parser("list", help="list tokens (never their secrets)")
-    listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    listing.add_argument("--all", action="store_true", help="include revoked and expired tokens")
     listing.add_argument("--file", default=None, help=file_help)
     listing.set_defaults(func=_tokens_list)
 
@@ -162,8 +183,22 @@ def _pki_revoke_client(args: argparse.Namespace) -> int:
 
 @_guard
 def _tokens_create(args: argparse.Namespace) -> int:
-    secret = TokenStore(args.file).create(args.name, args.scopes)
-    print(f"token {args.name!r} with scopes {', '.join(sorted(set(args.scopes)))}; the secret is shown once:")
+    expires_in = parse_duration(args.expires_in) if args.expires_in is not None else None
+    secret = TokenStore(args.file).create(args.name, args.scopes, expires_in=expires_in)
+    until = f", expires in {args.expires_in}" if args.expires_in is not None else ""
+    scopes = ", ".join(sorted(set(args.scopes)))
+    print(f"token {args.name!r} with scopes {scopes}{until}; the secret is shown once:")
+    print(secret)
+    return 0
+
+
+@_guard
+def _tokens_rotate(args: argparse.Namespace) -> int:
+    overlap = parse_duration(args.overlap)
+    expires_in = parse_duration(args.expires_in) if args.expires_in is not None else None
+    secret, old = TokenStore(args.file).rotate(args.name, overlap, expires_in=expires_in)
+    print(f"rotated token {args.name!r}: the old secret ({old.token_id}) works until {old.expires_at};")
+    print("the new secret is shown once:")
     print(secret)
     return 0
 
@@ -174,10 +209,10 @@ def _tokens_list(args: argparse.Namespace) -> int:
     if not tokens:
         print("no tokens")
         return 0
-    print(f"{'NAME':24} {'ID':12} {'CREATED':25} {'STATE':8} SCOPES")
-    for token in tokens:
-        state = "active" if token.active else "revoked"
-        print(f"{token.name:24} {token.token_id:12} {token.created_at:25} {state:8} {' '.join(token.scopes)}")
+    print(f"{'NAME':24} {'ID':12} {'CREATED':25} {'EXPIRES':25} {'STATE':8} SCOPES")
+    for t in tokens:
+        expires = t.expires_at or "never"
+        print(f"{t.name:24} {t.token_id:12} {t.created_at:25} {expires:25} {t.state:8} {' '.join(t.scopes)}")
     return 0
 
 

@@ -46,7 +46,7 @@ from appliance.errors import ApplianceError, Status, status_of
 from appliance.network import is_loopback
 from appliance.security.audit import AuditError, AuditLog
 from appliance.security.revocation import RevocationList, RevocationUnavailable
-from appliance.security.tokens import Principal, TokenStore
+from appliance.security.tokens import Principal, TokenExpired, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +385,8 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be 'Bearer <token>'")
         try:
             principal = self.tokens.verify(secret.strip())
+        except TokenExpired as exc:
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, exc.message) from None
         except ApplianceError as exc:  # an unreadable token file: fail closed, say why
             log.error("token store unusable: %s", exc.message)
             raise _Denied(grpc.StatusCode.UNAVAILABLE, "token store unavailable") from exc

@@ -11,6 +11,12 @@ the file atomically; readers ``stat`` it on every check and reload when it chang
 gives a new inode, so even a same-second change is seen). Revoking therefore takes effect on the
 next call, without a restart.
 
+A token may expire (``expires_at``); a matching secret past it is refused as "token expired".
+Rotation gives a name a new secret and lets the old one work until an overlap ends, so that
+callers can switch without a gap: the old record's ``expires_at`` is moved to the end of the
+overlap and it names its successor in ``replaced_by``. Revoking a name revokes every live
+secret of it, the retiring one included.
+
 Scopes: ``classify:<model>``, ``classify:*``, ``extract:<model>``, ``extract:*``, ``embed:<model>``,
 ``embed:*``, ``generate``, ``models:read``, ``admin`` (which implies every other scope).
 """
@@ -23,10 +29,12 @@ import fcntl
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import state_dir
-from appliance.errors import FailedPrecondition, InvalidArgument, NotFound
+from appliance.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 from appliance.security.files import write_atomic
 
 TOKEN_PREFIX = "apl"
@@ -45,8 +53,17 @@ _CACHE_LIMIT = 4096  # verified secrets, so that a known caller costs one dict l
 _SECRET = re.compile(r"^apl_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _MODEL = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_DURATION = re.compile(r"^([0-9]{1,9})([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MODEL_SCOPE_KINDS = ("classify", "extract", "embed")  # scopes that name a model, or * for every one
 _SCOPE = re.compile(rf"^(?:(?:{'|'.join(MODEL_SCOPE_KINDS)}):(?:\*|{_MODEL})|generate|models:read|admin)$")
+
+
+class TokenExpired(Unauthenticated):
+    """The secret matches a token whose lifetime (or rotation overlap) has ended."""
+
+    def __init__(self) -> None:
+        super().__init__("token expired")
 
 
 @dataclass(frozen=True)
@@ -68,10 +85,24 @@ class TokenInfo:
     scopes: tuple[str, ...]
     created_at: str
     revoked_at: str | None
+    expires_at: str | None = None
+    replaced_by: str | None = None  # the token id that a rotation put in its place
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and _expired(self.expires_at)
 
     @property
     def active(self) -> bool:
-        return self.revoked_at is None
+        return self.revoked_at is None and not self.expired
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expired:
+            return "expired"
+        return "retiring" if self.replaced_by else "active"
 
 
 def parse_secret(secret: str) -> tuple[str, str] | None:
@@ -82,6 +113,16 @@ def parse_secret(secret: str) -> tuple[str, str] | None:
 
 def format_secret(token_id: str, random_part: str) -> str:
     return f"{TOKEN_PREFIX}_{token_id}_{random_part}"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``<n><unit>``, unit one of s, m, h, d, w (``30d``, ``1h``, ``90s``)."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise InvalidArgument(
+            f"duration {text!r} must be a whole number and a unit (s, m, h, d, w): e.g. 30d"
+        )
+    return float(int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 def validate_scope(scope: str) -> str:
@@ -114,8 +155,10 @@ class TokenStore:
 
     # ------------------------------------------------------------------------------------ writes
 
-    def create(self, name: str, scopes: Iterable[str]) -> str:
-        """Create a token and return its secret; the secret is shown once and never stored."""
+    def create(self, name: str, scopes: Iterable[str], expires_in: float | None = None) -> str:
+        """Create a token and return its secret; the secret is shown once and never stored.
+
+        ``expires_in``: seconds until the token is refused as expired; None: it never expires."""
         if not _NAME.fullmatch(name):
             raise InvalidArgument(
                 f"token name {name!r} must be 1-64 characters of letters, digits, '.', '_', '@', '-'"
@@ -123,33 +166,45 @@ class TokenStore:
         scope_list = sorted({validate_scope(s) for s in scopes})
         if not scope_list:
             raise InvalidArgument("a token needs at least one scope")
-        random_part = secrets.token_urlsafe(32)
-        salt = secrets.token_bytes(16)
+        _check_lifetime(expires_in)
         with self._locked_file() as records:
-            if any(r["name"] == name and r["revoked_at"] is None for r in records.values()):
-                raise FailedPrecondition(f"an active token named {name!r} exists; revoke it first")
-            token_id = secrets.token_hex(6)
-            while token_id in records:
-                token_id = secrets.token_hex(6)
-            records[token_id] = {
-                "id": token_id,
-                "name": name,
-                "scopes": scope_list,
-                "salt": _b64(salt),
-                "scheme": SCHEME,
-                "hash": _b64(_digest(random_part, salt)),
-                "created_at": _now(),
-                "revoked_at": None,
-            }
-        return format_secret(token_id, random_part)
+            if _live(records, name):
+                raise FailedPrecondition(
+                    f"an active token named {name!r} exists; revoke it first, or rotate it"
+                )
+            return _add(records, name, scope_list, expires_in)
+
+    def rotate(self, name: str, overlap: float, expires_in: float | None = None) -> tuple[str, TokenInfo]:
+        """A new secret for ``name``, with the same scopes; the current one keeps working for
+        ``overlap`` seconds (never past its own expiry), then is refused.
+
+        ``expires_in`` defaults to the lifetime the current token was given. Returns the new secret
+        and the record of the token it replaces."""
+        if overlap < 0:
+            raise InvalidArgument(f"the overlap must not be negative, got {overlap}")
+        _check_lifetime(expires_in)
+        with self._locked_file() as records:
+            current = [r for r in _live(records, name) if not r.get("replaced_by")]
+            if not current:
+                raise NotFound(f"no active token named {name!r}")
+            old = current[0]
+            lifetime = expires_in if expires_in is not None else old.get("lifetime_s")
+            secret = _add(records, name, list(old["scopes"]), lifetime)
+            end = _expiry(overlap) if overlap > 0 else _now()  # no overlap: refused from now on
+            old["expires_at"] = min(old["expires_at"], end) if old.get("expires_at") else end
+            old["replaced_by"] = secret.split("_")[1]
+            return secret, _info(old)
 
     def revoke(self, name: str) -> TokenInfo:
+        """Revoke every live secret of ``name`` (a retiring one too); returns the newest."""
         with self._locked_file() as records:
-            for record in records.values():
-                if record["name"] == name and record["revoked_at"] is None:
-                    record["revoked_at"] = _now()
-                    return _info(record)
-        raise NotFound(f"no active token named {name!r}")
+            live = _live(records, name)
+            if not live:
+                raise NotFound(f"no active token named {name!r}")
+            now = _now()
+            for record in live:
+                record["revoked_at"] = now
+            return _info(next((r for r in live if not r.get("replaced_by")), live[-1]))
 
     # ------------------------------------------------------------------------------------- reads
 
@@ -160,7 +215,8 @@ class TokenStore:
         return sorted((i for i in infos if include_revoked or i.active), key=lambda i: (i.name, i.created_at))
 
     def verify(self, secret: str) -> Principal | None:
-        """The principal of an active token whose secret matches, else None."""
+        """The principal of an active token whose secret matches, else None; raises
+        :class:`TokenExpired` for the secret of a token past its expiry."""
         parsed = parse_secret(secret)
         if parsed is None:
             return None
@@ -179,6 +235,9 @@ class TokenStore:
                 if len(self._verified) >= _CACHE_LIMIT:
                     self._verified.clear()
                 self._verified[digest] = token_id
+        # checked after the secret matched, so that "expired" is said only to its holder
+        if record.get("expires_at") and _expired(record["expires_at"]):
+            raise TokenExpired()
         return Principal(name=record["name"], token_id=token_id, scopes=frozenset(record["scopes"]))
 
     # --------------------------------------------------------------------------------- internals
@@ -228,7 +287,10 @@ def ensure_local_admin_token(
     path = Path(token_file) if token_file is not None else state_dir("client") / "token"
     if path.exists():
         existing = path.read_text().strip()
-        principal = store.verify(existing)
+        try:
+            principal = store.verify(existing)
+        except TokenExpired:
+            principal = None
         if principal is not None and "admin" in principal.scopes:
             return existing
     if any(t.name == LOCAL_ADMIN for t in store.list()):
@@ -236,6 +298,48 @@ def ensure_local_admin_token(
     secret = store.create(LOCAL_ADMIN, ["admin"])
     write_atomic(path, (secret + "\n").encode(), mode=0o600)
     return secret
+
+
+def _live(records: dict[str, dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """Records of ``name`` that still verify: not revoked, not expired."""
+    return [r for r in records.values() if r["name"] == name and _info(r).active]
+
+
+def _add(records: dict[str, dict[str, Any]], name: str, scopes: list[str], expires_in: float | None) -> str:
+    """Add a fresh record to ``records`` and return its secret."""
+    random_part = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    token_id = secrets.token_hex(6)
+    while token_id in records:
+        token_id = secrets.token_hex(6)
+    now = time.time()
+    records[token_id] = {
+        "id": token_id,
+        "name": name,
+        "scopes": scopes,
+        "salt": _b64(salt),
+        "scheme": SCHEME,
+        "hash": _b64(_digest(random_part, salt)),
+        "created_at": _at(now),
+        "revoked_at": None,
+        "expires_at": _expiry(expires_in) if expires_in is not None else None,
+        "lifetime_s": expires_in,  # what a rotation gives the next secret by default
+    }
+    return format_secret(token_id, random_part)
+
+
+def _check_lifetime(expires_in: float | None) -> None:
+    if expires_in is not None and expires_in <= 0:
+        raise InvalidArgument(f"a token's lifetime must be positive, got {expires_in} seconds")
+
+
+def _expiry(seconds_from_now: float) -> str:
+    """The instant, rounded up to the second shown, so that a token never ends early."""
+    return _at(math.ceil(time.time() + seconds_from_now))
+
+
+def _expired(expires_at: str) -> bool:
+    return dt.datetime.fromisoformat(expires_at).timestamp() <= time.time()
 
 
 def _digest(random_part: str, salt: bytes) -> bytes:
@@ -267,6 +371,8 @@ def _info(record: dict[str, Any]) -> TokenInfo:
         scopes=tuple(record["scopes"]),
         created_at=record["created_at"],
         revoked_at=record["revoked_at"],
+        expires_at=record.get("expires_at"),
+        replaced_by=record.get("replaced_by"),
     )
 
 
@@ -275,4 +381,8 @@ def _b64(data: bytes) -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return _at(time.time())
+
+
+def _at(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).isoformat(timespec="seconds")

@@ -192,7 +192,10 @@ def build_router(
     from appliance.router.escalations import EscalationStore
     from appliance.router.metrics import RouterMetrics
 
-    store = EscalationStore(home / "escalations" / "escalations.db", store_texts=args.store_escalation_texts)
+    # strict=False: a damaged database refuses escalations, and never stops the server from starting
+    store = EscalationStore(
+        home / "escalations" / "escalations.db", store_texts=args.store_escalation_texts, strict=False
+    )
     return Cascade(generalist, store, cost, RouterMetrics(metrics.registry))
 
 

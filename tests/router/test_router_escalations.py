@@ -89,9 +89,9 @@ def test_the_record_is_on_disk_before_record_returns_seen_by_a_separate_connecti
 def test_wal_mode_and_full_sync_are_on(tmp_path: Path) -> None:
     db = tmp_path / "e.db"
     with EscalationStore(db) as store:
-        assert store._durable.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert store._durable.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert store._relaxed.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert store._writer(durable=True).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._writer(durable=True).execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert store._writer(durable=False).execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     with closing(sqlite3.connect(db)) as conn:  # WAL is a property of the file, not just of our connection
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from appliance.errors import FailedPrecondition, InvalidArgument, NotFound
 from appliance.security.tokens import (
+    TokenExpired,
     TokenStore,
     ensure_local_admin_token,
     format_secret,
     has_scope,
+    parse_duration,
     parse_secret,
     validate_scope,
 )
@@ -207,3 +209,84 @@ def test_failed_checks_are_cheap(tmp_path):
     started = time.perf_counter()
     assert all(store.verify(secret) is None for secret in wrong)
     assert time.perf_counter() - started < 0.25  # PBKDF2 took about 1 s for these 500 here
+
+
+# ------------------------------------------------------------------------- expiry and rotation
+
+
+def expire_now(store: TokenStore, token_id: str) -> None:
+    """Move a record's expiry into the past, as the clock would, through the file the server reads."""
+    data = json.loads(store.path.read_text())
+    for record in data["tokens"]:
+        if record["id"] == token_id:
+            record["expires_at"] = "2000-01-01T00:00:00+00:00"
+    store.path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30d", 2592000), ("1h", 3600), ("90s", 90), ("2w", 1209600)])
+def test_durations_parse(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "1.5h", "-1h", "h", "1y", "1 h h"])
+def test_bad_durations_are_invalid(text):
+    with pytest.raises(InvalidArgument, match="duration"):
+        parse_duration(text)
+
+
+def test_an_expired_secret_is_refused_as_expired_and_frees_its_name(store):
+    secret = store.create("bob", ["generate"], expires_in=3600)
+    (info,) = store.list()
+    assert info.expires_at is not None and info.state == "active"
+    assert store.verify(secret) is not None  # cached after this: expiry is still checked
+    expire_now(store, info.token_id)
+    with pytest.raises(TokenExpired, match="token expired"):
+        store.verify(secret)
+    assert store.list() == [] and [t.state for t in store.list(include_revoked=True)] == ["expired"]
+    store.create("bob", ["generate"])  # an expired name is free again
+    with pytest.raises(InvalidArgument, match="lifetime must be positive"):
+        store.create("carol", ["generate"], expires_in=0)
+
+
+def test_rotation_keeps_the_old_secret_for_the_overlap_only(store):
+    old = store.create("bob", ["classify:bank", "generate"], expires_in=86400)
+    new, replaced = store.rotate("bob", overlap=3600)
+    assert replaced.token_id == parse_secret(old)[0] and replaced.replaced_by == parse_secret(new)[0]
+    assert store.verify(old).name == store.verify(new).name == "bob"
+    assert store.verify(new).scopes == {"classify:bank", "generate"}
+    states = {t.token_id: t.state for t in store.list()}
+    assert states == {parse_secret(old)[0]: "retiring", parse_secret(new)[0]: "active"}
+    fresh = next(t for t in store.list() if t.state == "active")
+    assert fresh.expires_at is not None  # the old token's lifetime carries over
+    expire_now(store, replaced.token_id)  # the overlap is over
+    with pytest.raises(TokenExpired):
+        store.verify(old)
+    assert store.verify(new) is not None
+
+
+def test_rotating_with_no_overlap_refuses_the_old_secret_at_once(store):
+    old = store.create("bob", ["generate"])
+    with pytest.raises(NotFound, match="no active token named 'alice'"):
+        store.rotate("alice", overlap=60)
+    with pytest.raises(InvalidArgument, match="negative"):
+        store.rotate("bob", overlap=-1)
+    new, _ = store.rotate("bob", overlap=0)
+    with pytest.raises(TokenExpired):
+        store.verify(old)
+    assert store.verify(new) is not None
+
+
+def test_revoking_a_rotated_name_revokes_both_secrets(store):
+    old = store.create("bob", ["generate"])
+    new, _ = store.rotate("bob", overlap=3600)
+    store.revoke("bob")
+    assert store.verify(old) is None and store.verify(new) is None
+    assert [t.state for t in store.list(include_revoked=True)] == ["revoked", "revoked"]
+
+
+def test_an_expired_local_admin_token_is_replaced(home):
+    store = TokenStore()
+    secret = ensure_local_admin_token(store)
+    expire_now(store, parse_secret(secret)[0])
+    fresh = ensure_local_admin_token(store)
+    assert fresh != secret and store.verify(fresh).allows("admin")
