@@ -28,6 +28,8 @@ sys.path.insert(0, str(REPO))  # the harness imports tests.helpers
 
 from install_harness import build_rootfs, chroot_vars, require_root_tools, run_playbook, write_inventory  # noqa: E402
 
+from appliance.security import release  # noqa: E402
+
 _ENGINES = "import torch, vllm, transformers, onnxruntime, ray, appliance.cli; print(torch.__version__)"
 T = TypeVar("T")
 IMPORTS = {
@@ -43,6 +45,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the bundle and the target afterwards")
     parser.add_argument("--bundle", type=Path, help="install this existing bundle instead of building one")
+    parser.add_argument(
+        "--release-key", type=Path, help="the release key that signs (or signed --bundle); default: a new one"
+    )
     args = parser.parse_args()
     require_root_tools()
     work = args.work or Path(tempfile.mkdtemp(prefix="appliance-full-install-"))
@@ -56,16 +61,21 @@ def main() -> int:
         print(f"{name}: {timings[name]} s", flush=True)
         return result
 
+    release_key = args.release_key or work / "release.key"
+    if not release_key.exists():
+        release.init_key(release_key)
     bundle = args.bundle or work / f"bundle-{args.profile}"
     if not args.bundle:
         command = ["-m", "appliance.bundle", "--profile", args.profile, "--out", str(bundle), "--force"]
+        command += ["--release-key", str(release_key)]
         timed("bundle", subprocess.run, [sys.executable, *command], check=True, cwd=REPO)
     rootfs = timed("debootstrap (or cache)", build_rootfs)
     target = work / "target"
     shutil.rmtree(target, ignore_errors=True)
     subprocess.run(["cp", "-a", str(rootfs), str(target)], check=True)
 
-    variables = chroot_vars(bundle, str(REPO / "deploy" / "serve" / "appliance.yaml"))
+    serve_config = str(REPO / "deploy" / "serve" / "appliance.yaml")
+    variables = chroot_vars(bundle, serve_config, release_key=release_key)
     variables.update(
         appliance_profile=args.profile,
         appliance_server_pki_manage="true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from install_harness import REPO, build_rootfs, require_root_tools
+
+from appliance.security import release
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +34,39 @@ def make_target(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Calla
 
 
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def release_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The release key that signs the test bundles; its public key is given to the playbook."""
+    key = tmp_path_factory.mktemp("release") / "release.key"
+    release.init_key(key)
+    return key
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory, release_key: Path) -> Path:
     """A minimal bundle: the appliance wheel and Ray's closure (the full one is bench/install)."""
     out = tmp_path_factory.mktemp("bundle") / "wheelhouse"
     subprocess.run(
-        [sys.executable, "-m", "appliance.bundle", "--profile", "core", "--minimal", "--out", str(out)],
+        [
+            *(sys.executable, "-m", "appliance.bundle", "--profile", "core", "--minimal"),
+            *("--out", str(out), "--release-key", str(release_key)),
+        ],
         check=True,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def bundle_with_model(wheelhouse: Path, release_key: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The minimal wheelhouse plus a model version and a trusted key, signed again."""
+    folder = Path(shutil.copytree(wheelhouse, tmp_path_factory.mktemp("bundle-model") / "wheelhouse"))
+    version = folder / "models" / "demo" / "1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text('{"name": "demo", "version": 1}')
+    (version / "manifest.sig").write_text('{"alg": "ed25519"}')
+    (version / "head.npz").write_bytes(b"head weights")
+    (folder / "keys" / "trusted").mkdir(parents=True)
+    (folder / "keys" / "trusted" / "0123456789abcdef.pub").write_text("factory key\n")
+    release.sign_bundle(folder, release.load_private_key(release_key))
+    return folder

@@ -138,14 +138,21 @@ def write_inventory(
     return path
 
 
-def chroot_vars(wheelhouse: Path, serve_config: str = "") -> dict[str, str]:
+def release_pubkey(key: Path) -> Path:
+    """The public key `appliance keys release-init KEY` writes beside the release key."""
+    return key.with_name(key.name + ".pub")
+
+
+def chroot_vars(wheelhouse: Path, serve_config: str = "", *, release_key: Path) -> dict[str, str]:
     """Variables for a chroot target: the services are installed and enabled, not started
     (there is no init in a chroot); the perimeter policy is loaded for real, in the command's own
-    network namespace. The CLI-driven PKI and token steps need the full profile (bench/install)."""
+    network namespace. The CLI-driven PKI and token steps need the full profile (bench/install).
+    ``release_key`` signed the wheelhouse; the install is given its public key."""
     return {
         "ansible_connection": "netns_chroot",
         "ansible_python_interpreter": "/usr/bin/python3",
         "appliance_wheelhouse": str(wheelhouse),
+        "appliance_release_pubkey": str(release_pubkey(release_key)),
         "appliance_profile": "core",
         "appliance_ray_head_start": "false",
         "appliance_ray_worker_start": "false",
@@ -155,3 +162,10 @@ def chroot_vars(wheelhouse: Path, serve_config: str = "") -> dict[str, str]:
         "appliance_server_serve_config_src": serve_config,
         "appliance_perimeter_client_networks": "['198.51.100.0/24']",
     }
+
+
+def assert_untouched(box: Path) -> None:
+    """Nothing of the install reached ``box``: no code, no configuration, no account."""
+    assert not (box / "opt" / "appliance").exists()
+    assert not (box / "etc" / "appliance").exists()
+    assert "appliance:" not in (box / "etc" / "passwd").read_text()

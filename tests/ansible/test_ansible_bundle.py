@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from appliance import bundle
+from appliance.security import release
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,14 +114,39 @@ def test_unsigned_or_unknown_models_are_refused(tmp_path: Path) -> None:
         bundle.copy_models(["nosuch"], home, tmp_path / "out2")
 
 
-def test_command_refuses_a_non_empty_folder_and_names_the_fix(tmp_path: Path) -> None:
-    (tmp_path / "something").write_text("x")
-    proc = subprocess.run(
-        [sys.executable, "-m", "appliance.bundle", "--profile", "cpu", "--out", str(tmp_path)],
+def _bundle_command(out: Path, release_key: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable, "-m", "appliance.bundle", "--profile", "cpu", "--out", str(out),
+            "--release-key", str(release_key),
+        ],
         capture_output=True, text=True, check=False, cwd=REPO,
     )  # fmt: skip
+
+
+def test_command_refuses_a_non_empty_folder_and_names_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "something").write_text("x")
+    proc = _bundle_command(tmp_path, tmp_path / "release.key")
     assert proc.returncode == 2
     assert "is not empty; pass --force to rebuild it" in proc.stderr
+
+
+def test_command_needs_a_readable_release_key_and_names_the_fix(tmp_path: Path) -> None:
+    proc = _bundle_command(tmp_path / "out", tmp_path / "no-such.key")
+    assert proc.returncode == 2
+    assert "cannot read the release key" in proc.stderr and "appliance keys release-init" in proc.stderr
+    not_a_key = tmp_path / "not-a.key"
+    not_a_key.write_text("hello")
+    assert "cannot read the release key" in _bundle_command(tmp_path / "out2", not_a_key).stderr
+
+
+@pytest.mark.slow
+def test_bundle_is_signed_by_the_release_key(wheelhouse: Path, release_key: Path) -> None:
+    public = release.load_public_key(release_key.with_name(release_key.name + ".pub"))
+    meta = json.loads((wheelhouse / "bundle.json").read_text())
+    assert meta["release_key"] == release.key_id(public)
+    count = release.verify_bundle(wheelhouse, public)
+    assert count == meta["wheel_count"] + 2  # every wheel, the lock and bundle.json
 
 
 def test_requirement_helpers(tmp_path: Path) -> None:

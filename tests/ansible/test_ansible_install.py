@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SERVE_CONFIG = REPO / "deploy" / "serve" / "appliance.yaml"
 HEAD_ADDRESS, WORKER_ADDRESS = "192.0.2.10", "192.0.2.11"  # TEST-NET-1, only inside our namespaces
 OUTSIDER = "192.0.2.99"  # not a peer, not a client network
+CLIENT = "198.51.100.7"  # in the client network chroot_vars sets
 UNITS = {
     "head": ("appliance-ray-head.service", "appliance-server.service", "appliance-perimeter.service"),
     "worker": ("appliance-ray-worker.service", "appliance-perimeter.service"),
@@ -41,13 +42,15 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(make_target, wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+def cluster(
+    make_target, bundle_with_model: Path, release_key: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Cluster:
     targets = {"head": make_target("head"), "worker": make_target("worker")}
     inventory = write_inventory(
         tmp_path_factory.mktemp("inventory") / "cluster.ini",
         heads={"head": {"ansible_host": str(targets["head"]), "appliance_address": HEAD_ADDRESS}},
         workers={"worker": {"ansible_host": str(targets["worker"]), "appliance_address": WORKER_ADDRESS}},
-        **chroot_vars(wheelhouse, str(SERVE_CONFIG)),
+        **chroot_vars(bundle_with_model, str(SERVE_CONFIG), release_key=release_key),
     )
     check_first = run_playbook(inventory, "--check")
     converge = run_playbook(inventory)
@@ -96,6 +99,23 @@ def test_service_account_and_folders(cluster: Cluster) -> None:
         }
         assert (home_dir / "keys" / "trusted").is_dir()
         assert home_dir.stat().st_uid == int(uid)
+
+
+def test_trust_is_root_owned_read_only_and_serving_boxes_cannot_sign(
+    cluster: Cluster, bundle_with_model: Path
+) -> None:
+    for role, target in cluster.targets.items():
+        keys = target / "var/lib/appliance/keys"
+        trusted = keys / "trusted"
+        assert (keys.stat().st_uid, keys.stat().st_mode & 0o777) == (0, 0o750), role
+        assert (trusted.stat().st_uid, trusted.stat().st_gid, trusted.stat().st_mode & 0o777) == (0, 0, 0o755)
+        shipped = sorted(p.name for p in (bundle_with_model / "keys" / "trusted").iterdir())
+        assert sorted(p.name for p in trusted.iterdir()) == shipped, role
+        for key in trusted.iterdir():
+            assert (key.stat().st_uid, key.stat().st_gid, key.stat().st_mode & 0o777) == (0, 0, 0o444), key
+        marker = keys / "SERVING_ONLY"
+        assert marker.is_file() and (marker.stat().st_uid, marker.stat().st_mode & 0o777) == (0, 0o444), role
+        assert not (keys / "signing.key").exists(), role
 
 
 def test_wheelhouse_copied_and_installed_from_it(cluster: Cluster, wheelhouse: Path) -> None:
@@ -216,13 +236,67 @@ def test_egress_policy_drops_outbound_but_not_loopback_or_peers(cluster: Cluster
                 proc.wait()
 
 
+def test_ingress_policy_keeps_ray_for_peers_and_grpc_for_clients(cluster: Cluster) -> None:
+    """The head's rendered policy, loaded with its own nft: Ray's GCS port answers a cluster peer
+    only, the gRPC port a client network (and peers), SSH everyone; the rest is dropped, counted."""
+    head = cluster.targets["head"]
+    gcs, grpc_port, ssh = 6379, 50051, 22
+    with _namespaces() as (box, net):
+        listeners = [_listen(box, "0.0.0.0", port) for port in (gcs, grpc_port, ssh)]
+        try:
+            # Before the policy every source reaches every port, so the checks below can fail.
+            assert all(_connect(net, HEAD_ADDRESS, port, source=OUTSIDER) for port in (gcs, grpc_port))
+            _nft(box, head, "-f", "/etc/appliance/perimeter.nft")
+            assert _connect(net, HEAD_ADDRESS, gcs, source=WORKER_ADDRESS)
+            assert not _connect(net, HEAD_ADDRESS, gcs, source=CLIENT)
+            assert not _connect(net, HEAD_ADDRESS, gcs, source=OUTSIDER)
+            assert _connect(net, HEAD_ADDRESS, grpc_port, source=CLIENT)
+            assert not _connect(net, HEAD_ADDRESS, grpc_port, source=OUTSIDER)
+            assert _connect(net, HEAD_ADDRESS, ssh, source=OUTSIDER)
+            assert _connect(box, "127.0.0.1", gcs)  # loopback: the local Ray and the server
+            counter = _nft(box, head, "list", "counter", "inet", "appliance_perimeter", "ingress_dropped")
+            assert int(re.search(r"packets (\d+)", counter).group(1)) >= 3, counter
+        finally:
+            for proc in listeners:
+                proc.kill()
+                proc.wait()
+
+
+def test_ray_token_auth_is_on_with_one_shared_private_token(cluster: Cluster) -> None:
+    tokens = set()
+    for role, target in cluster.targets.items():
+        token_file = target / "etc/appliance/ray-auth-token"
+        group = _group_id(target, "appliance")
+        stat = token_file.stat()
+        assert (stat.st_uid, stat.st_gid, stat.st_mode & 0o777) == (0, group, 0o640), role
+        tokens.add(token_file.read_text())
+        env = (target / "etc/appliance/env").read_text()
+        assert "RAY_AUTH_MODE=token" in env.splitlines(), role
+        assert "RAY_AUTH_TOKEN_PATH=/etc/appliance/ray-auth-token" in env.splitlines(), role
+    [token] = tokens  # the same on every box
+    assert re.fullmatch(r"[0-9a-f]{64}", token), "256 random bits, as `ray get-auth-token --generate` makes"
+    assert token not in cluster.converge.output and token not in cluster.second.output  # never logged
+
+
+def test_ray_and_the_server_require_the_perimeter(cluster: Cluster) -> None:
+    """Fail closed: without the loaded policy, no unit that opens a port starts."""
+    for role, units in UNITS.items():
+        for unit in units:
+            if unit == "appliance-perimeter.service":
+                continue
+            text = (cluster.targets[role] / "etc/systemd/system" / unit).read_text()
+            assert "Requires=appliance-perimeter.service" in text.splitlines(), unit
+            after = next(line for line in text.splitlines() if line.startswith("After="))
+            assert "appliance-perimeter.service" in after.split("=", 1)[1].split(), unit
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 LISTENER = """
 import socket, sys
 sock = socket.socket()
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.bind((sys.argv[1], 7070))
+sock.bind((sys.argv[1], int(sys.argv[2])))
 sock.listen(16)
 sock.settimeout(120)  # bounded: the listener ends on its own if the test dies
 print("ready", flush=True)
@@ -233,8 +307,9 @@ while True:
 
 CONNECT = """
 import socket, sys
+source = (sys.argv[3], 0) if len(sys.argv) > 3 else None
 try:
-    socket.create_connection((sys.argv[1], 7070), timeout=2).close()
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2, source_address=source).close()
     print("open")
 except OSError as exc:
     print("closed", exc)
@@ -272,6 +347,7 @@ class _namespaces:
             ["ip", "-n", self.box, "addr", "add", f"{HEAD_ADDRESS}/24", "dev", "veth-box"],
             ["ip", "-n", self.net, "addr", "add", f"{WORKER_ADDRESS}/24", "dev", "veth-net"],
             ["ip", "-n", self.net, "addr", "add", f"{OUTSIDER}/24", "dev", "veth-net"],
+            ["ip", "-n", self.net, "addr", "add", f"{CLIENT}/24", "dev", "veth-net"],
         ]
         steps += [
             ["ip", "-n", ns, "link", "set", dev, "up"]
@@ -281,6 +357,8 @@ class _namespaces:
             ["ip", "-n", ns, "link", "set", dev, "up"]
             for ns, dev in [(self.net, "lo"), (self.net, "veth-net")]
         ]
+        # The client network is one hop away in real life; here it is on the same wire.
+        steps.append(["ip", "-n", self.box, "route", "add", f"{CLIENT}/32", "dev", "veth-box"])
         for step in steps:
             subprocess.run(step, check=True)
         return self.box, self.net
@@ -290,9 +368,9 @@ class _namespaces:
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def _listen(namespace: str, address: str) -> subprocess.Popen[str]:
+def _listen(namespace: str, address: str, port: int = 7070) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", namespace, sys.executable, "-c", LISTENER, address],
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", LISTENER, address, str(port)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -300,9 +378,10 @@ def _listen(namespace: str, address: str) -> subprocess.Popen[str]:
     return proc
 
 
-def _connect(namespace: str, address: str) -> bool:
+def _connect(namespace: str, address: str, port: int = 7070, source: str | None = None) -> bool:
     out = subprocess.run(
-        ["ip", "netns", "exec", namespace, sys.executable, "-c", CONNECT, address],
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", CONNECT, address, str(port)]
+        + ([source] if source else []),
         capture_output=True,
         text=True,
         check=True,
@@ -314,3 +393,16 @@ def _changed_tasks(output: str) -> str:
     """The tasks that reported a change, for a readable failure."""
     blocks = output.split("\n\n")
     return "\n".join(block.splitlines()[0] for block in blocks if "\nchanged:" in "\n" + block)
+
+
+def _nft(namespace: str, target: Path, *args: str) -> str:
+    """The target's own nft, run in ``namespace``."""
+    argv = ["ip", "netns", "exec", namespace, "chroot", str(target), "nft", *args]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def _group_id(target: Path, name: str) -> int:
+    line = next(
+        line for line in (target / "etc/group").read_text().splitlines() if line.startswith(f"{name}:")
+    )
+    return int(line.split(":")[2])

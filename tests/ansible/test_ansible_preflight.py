@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from install_harness import chroot_vars, run_playbook, write_inventory
+from install_harness import assert_untouched, chroot_vars, run_playbook, write_inventory
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -87,11 +87,16 @@ CASES: dict[str, tuple[Case, list[str]]] = {
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_inventory_fails_in_preflight_and_installs_nothing(
-    case: str, box: Path, wheelhouse: Path, wrong_python_wheelhouse: Path, tmp_path: Path
+    case: str,
+    box: Path,
+    wheelhouse: Path,
+    wrong_python_wheelhouse: Path,
+    release_key: Path,
+    tmp_path: Path,
 ) -> None:
     build, expected = CASES[case]
     heads, workers, overrides = build(box, wheelhouse, wrong_python_wheelhouse)
-    common = {**chroot_vars(wheelhouse), **overrides}
+    common = {**chroot_vars(wheelhouse, release_key=release_key), **overrides}
     inventory = write_inventory(tmp_path / "inventory.ini", heads=heads, workers=workers, **common)
 
     run = run_playbook(inventory)
@@ -101,21 +106,20 @@ def test_bad_inventory_fails_in_preflight_and_installs_nothing(
     missing = [words for words in expected if words not in flat]
     assert not missing, f"{missing} not in:\n{run.output[-3000:]}"
     assert "TASK [appliance_common" not in run.output, "the install started after a failed preflight"
-    _assert_untouched(box)
+    assert_untouched(box)
 
 
-def test_good_inventory_passes_preflight_in_check_mode(box: Path, wheelhouse: Path, tmp_path: Path) -> None:
+def test_good_inventory_passes_preflight_in_check_mode(
+    box: Path, wheelhouse: Path, release_key: Path, tmp_path: Path
+) -> None:
     """The control case: the same box and wheelhouse with a correct inventory gets past preflight."""
     inventory = write_inventory(
-        tmp_path / "inventory.ini", heads=_head(box), workers={}, **chroot_vars(wheelhouse)
+        tmp_path / "inventory.ini",
+        heads=_head(box),
+        workers={},
+        **chroot_vars(wheelhouse, release_key=release_key),
     )
     run = run_playbook(inventory, "--check")
     assert run.returncode == 0, run.output[-3000:]
     assert "TASK [appliance_common : Create the appliance service account]" in run.output
-    _assert_untouched(box)  # check mode changed nothing either
-
-
-def _assert_untouched(box: Path) -> None:
-    assert not (box / "opt" / "appliance").exists()
-    assert not (box / "etc" / "appliance").exists()
-    assert "appliance:" not in (box / "etc" / "passwd").read_text()
+    assert_untouched(box)  # check mode changed nothing either

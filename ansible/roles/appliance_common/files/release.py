@@ -1,0 +1,1 @@
+../../../../appliance/security/release.py
