@@ -1,4 +1,5 @@
-"""``appliance demo``: build the Banking77 specialist if absent, serve it in the background, classify."""
+"""``appliance demo``: build the Banking77 specialist and the Restaurant8k extractor if absent, serve
+them in the background, classify three texts and extract the fields of two booking requests."""
 
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ DEMO_TEXTS = (
     "Why was I charged a fee for withdrawing cash?",
     "How do I top up my account with Apple Pay?",
 )
+DEMO_EXTRACTOR = "restaurant8k"
+BOOKING_REQUESTS = (
+    "Hi, could I book a table for 4 people this Friday at 7:30pm?",
+    "A table for two tomorrow at 8pm please, the name is Maria Lopez.",
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    demo = sub.add_parser("demo", help="build the Banking77 specialist if absent, serve it, classify")
+    demo = sub.add_parser(
+        "demo", help="build the demo classifier and extractor if absent, serve them, classify and extract"
+    )
     demo.add_argument("--port", type=int, default=50051)
     demo.set_defaults(func=run_demo)
 
@@ -47,11 +55,27 @@ def ensure_demo_model() -> None:
     )
 
 
+def ensure_demo_extractor() -> None:
+    """Train the Restaurant8k head-mode extractor from the shipped 1/16 split unless it is published."""
+    from appliance.factory.extract import ExtractSpec, train_extractor
+    from appliance.store import ModelStore
+
+    store = ModelStore()
+    if store.versions(DEMO_EXTRACTOR):
+        return
+    data = Path(__file__).resolve().parent / "data" / "restaurant8k" / "train_4.json"
+    print(f"building the {DEMO_EXTRACTOR} demo extractor (head mode, 512 shipped examples)", flush=True)
+    train_extractor(
+        ExtractSpec(data=data, name=DEMO_EXTRACTOR), store, progress=lambda msg: print(f"  {msg}", flush=True)
+    )
+
+
 def run_demo(ns: argparse.Namespace) -> int:
     from appliance.client import Client
     from appliance.serve.lifecycle import read_run_file
 
     ensure_demo_model()
+    ensure_demo_extractor()
     if read_run_file() is None:
         log = state_dir("run") / "serve.log"
         print(f"starting the appliance on 127.0.0.1:{ns.port} (log: {log})", flush=True)
@@ -66,6 +90,8 @@ def run_demo(ns: argparse.Namespace) -> int:
                     str(ns.port),
                     "--model",
                     DEMO_MODEL,
+                    "--model",
+                    DEMO_EXTRACTOR,
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -77,16 +103,25 @@ def run_demo(ns: argparse.Namespace) -> int:
                 print(f"error: the appliance did not come up; see {log}", file=sys.stderr)
                 return 1
             time.sleep(1.0)
-    with Client() as client:
+    with Client() as client:  # an appliance that was already running loads the extractor on first use
         response = client.classify(DEMO_MODEL, list(DEMO_TEXTS), top_k=3)
+        extracted = client.extract(DEMO_EXTRACTOR, list(BOOKING_REQUESTS))
     print(f"\n{response.model}:{response.version} over gRPC ({client.connection.address}):")
     for text, r in zip(DEMO_TEXTS, response.results, strict=True):
         alternatives = ", ".join(f"{label} {score:.2f}" for label, score in r.top[1:])
         print(f"  {text!r}")
         print(f"    -> {r.label} ({r.confidence:.2f}, route {r.route}, {r.latency_ms:.1f} ms)")
         print(f"       next: {alternatives}")
+    print(f"\n{extracted.model}:{extracted.version}, the fields of two booking requests:")
+    for text, e in zip(BOOKING_REQUESTS, extracted.results, strict=True):
+        print(f"  {text!r}  ({e.latency_ms:.1f} ms)")
+        for span in e.spans:
+            print(f"    {span.label:<10} {span.text!r} [{span.start}:{span.end}] {span.confidence:.2f}")
+        if not e.spans:
+            print("    (no fields found)")
     print("\nThe appliance keeps running. Try:")
     print('  appliance classify --model banking77 "I lost my card"')
+    print(f'  appliance extract --model {DEMO_EXTRACTOR} "a table for 6 on Saturday at noon"')
     print("  appliance status")
     print("  appliance stop")
     return 0

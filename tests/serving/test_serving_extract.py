@@ -9,6 +9,7 @@ spans must equal.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -22,14 +23,16 @@ from prometheus_client import CollectorRegistry
 
 from appliance._proto.inference import grpc_service_pb2 as kpb
 from appliance._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from appliance.client import Client, Extracted
+from appliance.client import AsyncClient, Client, Extracted
 from appliance.dataset.spans import load_spans
+from appliance.factory import pipeline
 from appliance.factory.extract import load_tagger
 from appliance.security.tokens import TokenStore
 from appliance.store import ModelStore
 from appliance.types import Limits
 from tests.helpers.extractor import EXTRACTOR, RESTAURANT8K, build_extractor
 from tests.security.test_security_server import MODEL, LiveServer, audit_records, published_home
+from tests.serving.specialists import train_subset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,6 +40,9 @@ BOOKING = "I'd like a table for 4 people on Friday at 7pm"
 # Two emoji (one code point each, four UTF-8 bytes, two UTF-16 units) before the fields and
 # letters outside ASCII among them: a span's offsets are right only if they count code points.
 EMOJI = "🎉🎉 Table for 4 people tomorrow at 8pm please, Zoë Ünal 🍕"
+# b8 again, published at the extractor's precision: the int8 gate decides per model (extractors
+# often keep fp32), and only a classifier on the very same encoder can share its pass.
+SHARED = "b8-shared"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     store = ModelStore(path)
     if not store.versions(EXTRACTOR):
         build_extractor(store)
+    if not store.versions(SHARED):
+        precision = store.load(EXTRACTOR).spec.precision
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pipeline, "gate", lambda *_: (precision, f"{precision}: the extractor's encoder"))
+            train_subset(store, SHARED, path / "work-shared")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("APPLIANCE_HOME", str(path))
         yield path
@@ -53,7 +64,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def live(home: Path) -> Iterator[LiveServer]:
-    with LiveServer(home, models=(MODEL, EXTRACTOR)) as server:
+    with LiveServer(home, models=(MODEL, EXTRACTOR, SHARED)) as server:
         yield server
 
 
@@ -64,7 +75,8 @@ def tokens(home: Path) -> TokenStore:
 
 @pytest.fixture(scope="module")
 def client(live: LiveServer, tokens: TokenStore) -> Iterator[Client]:
-    secret = tokens.create("extractor-user", [f"extract:{EXTRACTOR}", f"classify:{MODEL}", "models:read"])
+    scopes = [f"extract:{EXTRACTOR}", f"classify:{MODEL}", f"classify:{SHARED}", "models:read"]
+    secret = tokens.create("extractor-user", scopes)
     with live.client(secret) as c:
         yield c
 
@@ -156,23 +168,50 @@ def _rows_through(registry: CollectorRegistry) -> float:
 
 def test_classify_and_extract_in_one_call_cost_one_encoder_pass(live: LiveServer, client: Client) -> None:
     texts, _ = heldout(12)
+    assert live.runtime.describe(SHARED).encoder_id == live.runtime.describe(EXTRACTOR).encoder_id
     registry = live.runtime.metrics.registry
     start = _rows_through(registry)
-    both = client.extract(EXTRACTOR, texts, classify_model=MODEL, top_k=2)
+    both = client.extract(EXTRACTOR, texts, classify_model=SHARED, top_k=2)
     one_call = _rows_through(registry) - start
     separate_extract = client.extract(EXTRACTOR, texts)
-    separate_classify = client.classify(MODEL, texts, top_k=2)
+    separate_classify = client.classify(SHARED, texts, top_k=2)
     two_calls = _rows_through(registry) - start - one_call
 
     assert one_call == len(texts)
     assert two_calls == 2 * len(texts)
-    assert both.classify_model == MODEL and both.classify_version == separate_classify.version
+    assert both.classify_model == SHARED and both.classify_version == separate_classify.version
     assert spans_of(both) == spans_of(separate_extract)
     for result, alone in zip(both.results, separate_classify.results, strict=True):
         assert result.classification is not None
         assert result.classification.label == alone.label
         assert [label for label, _ in result.classification.top] == [label for label, _ in alone.top]
         assert result.classification.confidence == pytest.approx(alone.confidence, abs=1e-4)
+
+
+def test_with_requested_slots_the_classifier_gets_its_own_pass(live: LiveServer, client: Client) -> None:
+    """Context changes the extractor's tokens, so the classifier cannot share its rows: two passes,
+    and the classification is still the classifier's own."""
+    texts, slots = heldout(6)
+    assert any(slots), "the held-out texts carry no requested slots"
+    registry = live.runtime.metrics.registry
+    start = _rows_through(registry)
+    both = client.extract(EXTRACTOR, texts, requested_slots=slots, classify_model=SHARED)
+    assert _rows_through(registry) - start == 2 * len(texts)
+    alone = client.classify(SHARED, texts)
+    assert [r.classification.label for r in both.results if r.classification] == [
+        r.label for r in alone.results
+    ]
+    assert spans_of(both) == spans_of(client.extract(EXTRACTOR, texts, requested_slots=slots))
+
+
+def test_the_async_client_extracts_the_same_spans(live: LiveServer, client: Client) -> None:
+    async def extract() -> Extracted:
+        async with AsyncClient(client.connection) as c:
+            return await c.extract(EXTRACTOR, [BOOKING, EMOJI], request_id="async-extract")
+
+    extracted = asyncio.run(extract())
+    assert extracted.request_id == "async-extract"
+    assert spans_of(extracted) == spans_of(client.extract(EXTRACTOR, [BOOKING, EMOJI]))
 
 
 # ------------------------------------------------------------------------------------ bad input
