@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +31,7 @@ from appliance.api.servicers import AdminServicer, GenerationServicer, Inference
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition
 from appliance.network import is_loopback
+from appliance.security.audit import AuditLog, AuditSettings
 from appliance.security.revocation import RevocationList
 from appliance.security.tls import ExpiryWatch, server_credentials
 from appliance.serve.metrics import ServingMetrics
@@ -63,6 +63,7 @@ class ServerSettings:
     # which bounds the memory that queued requests of up to max_message_bytes can hold.
     max_concurrent_rpcs: int = 1024
     grace_seconds: float = 5.0
+    audit: AuditSettings = field(default_factory=AuditSettings)  # rotation, retention, free space
     cert_warn_days: float = 30.0  # warn this long before the server certificate or the CA expires
 
     @property
@@ -88,7 +89,7 @@ class ApplianceServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._audit: Any = None
+        self._audit: AuditLog | None = None
         self._watch: asyncio.Task[None] | None = None
         self._expiry: ExpiryWatch | None = None  # TLS only
 
@@ -102,11 +103,11 @@ class ApplianceServer:
                     "loopback only (set auth: true, or bind 127.0.0.1)"
                 )
             return []
-        from appliance.security.audit import AuditLog, stream_dir
+        from appliance.security.audit import stream_dir
         from appliance.security.interceptor import AuthAuditInterceptor, open_prefixes
         from appliance.security.tokens import TokenStore
 
-        self._audit = AuditLog(stream_dir())
+        self._audit = AuditLog(stream_dir(), self.settings.audit)
         opened = open_prefixes(
             bind_address=self.settings.bind,
             health=self.settings.open_health,
@@ -199,12 +200,15 @@ class ApplianceServer:
             health_pb2.HealthCheckResponse.NOT_SERVING,
         )
         while True:
-            ready = self.backend.is_ready() and self.tls_problem() is None
+            audit_ok = self.audit_problem() is None
+            ready = self.backend.is_ready() and self.tls_problem() is None and audit_ok
+            for name in CONTROL_SERVICES:
+                await self.health.set(name, serving if audit_ok else not_serving)
             for name in INFERENCE_SERVICES:
                 await self.health.set(name, serving if ready else not_serving)
             await self.health.set("", serving if ready else not_serving)
             if self.generalist is not None:
-                gen_ready = self.generalist.ready
+                gen_ready = self.generalist.ready and audit_ok
                 await self.health.set(GENERATION_SERVICE, serving if gen_ready else not_serving)
             await asyncio.sleep(0.25)
 
@@ -212,6 +216,11 @@ class ApplianceServer:
         """Why TLS cannot be served (an expired server certificate), or None; health then says
         NOT_SERVING for the inference services."""
         return self._expiry.check() if self._expiry is not None else None
+
+    def audit_problem(self) -> str | None:
+        """Why calls cannot be audited now (the reason is logged by the trail), or None; health
+        then says NOT_SERVING for every service, and calls are refused UNAVAILABLE."""
+        return self._audit.unavailable if self._audit is not None else None
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self, grace: float | None = None) -> None:

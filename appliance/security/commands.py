@@ -11,7 +11,7 @@ from pathlib import Path
 
 from appliance.config import state_dir
 from appliance.errors import ApplianceError
-from appliance.security import audit, pki
+from appliance.security import audit, audit_chain, audit_verify, pki
 from appliance.security.tokens import TokenStore, parse_duration
 
 
@@ -112,11 +112,23 @@ def _register_tokens(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _register_audit(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("audit", help="the hash-chained audit trail")
+    parser = subparsers.add_parser("audit", help="the keyed, hash-chained audit trail")
     commands = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    check = commands.add_parser("verify", help="check every record's hash and chain link")
+    check = commands.add_parser(
+        "verify", help="check every record's mac and chain link, and the links between chains"
+    )
     check.add_argument("--dir", default=None, help="audit folder (default: $APPLIANCE_HOME/audit)")
+    check.add_argument(
+        "--keys", default=None, help="folder of audit-seal.key (default: $APPLIANCE_HOME/keys)"
+    )
     check.set_defaults(func=_audit_verify)
+    init = commands.add_parser(
+        "init-key",
+        help="create the key pair chains are sealed to (as root: the service must not read its private half)",
+    )
+    init.add_argument("--keys", default=None, help="folder for the key pair (default: $APPLIANCE_HOME/keys)")
+    init.add_argument("--force", action="store_true", help="replace an existing key pair")
+    init.set_defaults(func=_audit_init_key)
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -223,28 +235,57 @@ def _tokens_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+@_guard
+def _audit_init_key(args: argparse.Namespace) -> int:
+    paths = audit_chain.key_paths(Path(args.keys) if args.keys else None)
+    if paths.public.exists() and not args.force:
+        print(f"audit key already exists: {paths.public} (--force replaces it)")
+        return 0
+    audit_chain.create_keys(paths)
+    print(
+        f"audit key: {paths.private} (0400, owner uid {paths.private.stat().st_uid}), public {paths.public}"
+    )
+    return 0
+
+
+@_guard
 def _audit_verify(args: argparse.Namespace) -> int:
     if args.dir is not None and not Path(args.dir).is_dir():
         print(f"error: no audit folder at {args.dir}", file=sys.stderr)
         return 1
     root = Path(args.dir) if args.dir is not None else state_dir("audit")
-    chains = audit.streams(root)
-    if not chains:
+    if not audit.streams(root):
+        if (root / audit_chain.LATEST).exists():
+            print(
+                f"audit trail BROKEN: {audit_chain.LATEST} names a chain, but no records are left in {root}",
+                file=sys.stderr,
+            )
+            return 1
         print(f"audit trail OK: no records yet in {root}")
         return 0
+    key = audit_chain.verifier_private_key(audit_chain.key_paths(Path(args.keys))) if args.keys else None
+    trail = audit_verify.verify_trail(root, key)
     broken = 0
-    for chain in chains:
-        result = audit.verify(chain)
-        name = chain.relative_to(root).as_posix() if chain != root else "."
+    for chain in trail.chains:
+        result = chain.result
         if result.ok:
-            print(f"{name}: OK, {result.n_records} records, chain intact")
+            note = f" ({audit_verify.OLD_FORMAT})" if result.old_format else ""
+            print(f"{chain.name}: OK, {result.n_records} records, chain intact{note}")
         else:
             broken += 1
             print(
-                f"{name}: BROKEN after {result.n_records} good records: {result.first_error}", file=sys.stderr
+                f"{chain.name}: BROKEN after {result.n_records} good records: {result.first_error}",
+                file=sys.stderr,
             )
-    if broken:
-        print(f"audit trail BROKEN: {broken} of {len(chains)} chains fail to verify", file=sys.stderr)
+    for error in trail.errors:
+        print(f"BROKEN: {error}", file=sys.stderr)
+    if not trail.ok:
+        print(
+            f"audit trail BROKEN: {broken} of {len(trail.chains)} chains fail to verify, "
+            f"{len(trail.errors)} problems between chains",
+            file=sys.stderr,
+        )
         return 1
-    print(f"audit trail OK: {len(chains)} chain(s) verified")
+    print(f"audit trail OK: {len(trail.chains)} chain(s) verified")
     return 0
+

@@ -45,6 +45,7 @@ from appliance.api.boundary import context_code
 from appliance.errors import ApplianceError, Status, status_of
 from appliance.network import is_loopback
 from appliance.security.audit import AuditError, AuditLog
+from appliance.security.audit_chain import MAX_DETAILS_CHARS, MAX_FIELD_CHARS, clip
 from appliance.security.revocation import RevocationList, RevocationUnavailable
 from appliance.security.tokens import Principal, TokenExpired, TokenStore
 
@@ -92,12 +93,6 @@ DEFAULT_RULES: Mapping[str, Rule] = {
 }
 # where a request carries the model name used for "classify:<model>" etc. and its request id
 _REQUEST_ID_FIELDS = ("request_id", "id")
-MAX_FIELD_CHARS = 256  # model names and request ids in records; real ones are far shorter
-MAX_DETAILS_CHARS = 1024  # status details; grpc's default trailer limit is 8 KiB
-
-
-def clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more characters]"
 
 
 def open_prefixes(
@@ -130,6 +125,8 @@ class _Call:
     code: grpc.StatusCode = grpc.StatusCode.OK
     details: str = ""
     recorded: bool = False
+    agent: str = ""
+    unrecordable: bool = False  # refused because the trail cannot take records: none is written
 
 
 @dataclass(frozen=True)
@@ -321,10 +318,11 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         metadata = _metadata(context)
         undecodable = request if isinstance(request, _Undecodable) else None
         self._describe(call, None if undecodable else request, metadata)
-        if self.audit.failed is not None:
-            raise _Denied(
-                grpc.StatusCode.UNAVAILABLE, "the audit trail cannot record calls; refusing service"
-            )
+        problem = self.audit.unavailable
+        if problem is not None:
+            call.unrecordable = True
+            if not call.method.startswith(HEALTH_PREFIX):  # health still answers: NOT_SERVING
+                raise _Denied(grpc.StatusCode.UNAVAILABLE, f"audit cannot be written: {problem}")
         if self.open_methods and call.method.startswith(self.open_methods):
             _refuse_undecodable(call.method, undecodable)
             return
@@ -412,6 +410,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             if request is not None and hasattr(request, "request_id"):
                 request.request_id = request_id
         call.request_id = clip(request_id, MAX_FIELD_CHARS)
+        call.agent = clip(metadata.get("user-agent", ""))
         if self.audit_texts and request is not None:
             call.texts = _texts(request)
 
@@ -440,14 +439,22 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         if call.recorded:
             return
         call.recorded = True
+        if call.unrecordable:
+            log.debug("not audited (the trail cannot take records): %s", clip(call.method))
+            return
         if call.code == grpc.StatusCode.OK:
             code = context_code(context)
             if code is not None:  # the handler set a status without raising
                 call.code, call.details = code, _context_details(context)
         record: dict[str, Any] = {
             "time": call.time,
-            "rpc": call.method,
-            "caller": {"token": call.token, "cert": call.cert, "peer": call.peer},
+            "rpc": clip(call.method),
+            "caller": {
+                "token": _clip_optional(call.token),
+                "cert": _clip_optional(call.cert),
+                "peer": clip(call.peer),
+                "agent": call.agent,
+            },
             "model": call.model,
             "code": call.code.name,
             "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
@@ -458,13 +465,18 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         if call.texts is not None:
             record["texts"] = call.texts
         try:
-            if self.durable:
+            # a health probe never waits on the disk: it must be able to say NOT_SERVING
+            if self.durable and not call.method.startswith(HEALTH_PREFIX):
                 await self.audit.append_async(record)
             else:
                 self.audit.append(record)
         except AuditError:
             log.exception("audit record lost for %s %s", call.method, call.request_id)
             raise
+
+
+def _clip_optional(text: str | None) -> str | None:
+    return None if text is None else clip(text)
 
 
 def _refuse_undecodable(method: str, undecodable: _Undecodable | None) -> None:

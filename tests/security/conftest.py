@@ -34,5 +34,7 @@ def store(tmp_path: Path) -> TokenStore:
 
 
 @pytest.fixture
-def audit_dir(tmp_path: Path) -> Path:
+def audit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A chain folder; APPLIANCE_HOME is private too, since the audit key pair lives in it."""
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path / "home"))
     return tmp_path / "audit"

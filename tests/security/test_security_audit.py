@@ -1,8 +1,9 @@
-"""The hash-chained audit trail: chaining, rotation, recovery, durability and tamper detection."""
+"""The keyed audit trail: chaining, rotation and retention, recovery, durability, tamper detection."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import re
@@ -14,48 +15,128 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.security.audit import GENESIS, AuditError, AuditLog, audit_files, record_hash, verify
+from appliance.security import audit_chain
+from appliance.security.audit import (
+    GENESIS,
+    AuditError,
+    AuditLog,
+    AuditSettings,
+    audit_files,
+    call_records,
+    verify,
+)
+from appliance.security.audit_verify import verify_trail
 
 
-def write(folder: Path, n: int, max_bytes: int = 1 << 20) -> None:
-    with AuditLog(folder, max_bytes=max_bytes) as log:
+def write(folder: Path, n: int, max_file_bytes: int = 1 << 20, **limits: int) -> None:
+    with AuditLog(folder, AuditSettings(max_file_bytes=max_file_bytes, **limits)) as log:
         for i in range(n):
             log.append({"rpc": "/x/Y", "i": i, "text": "é" * (i % 3)})
 
 
-def lines(folder: Path) -> list[tuple[Path, list[str]]]:
-    return [(path, path.read_text().splitlines()) for _, path in audit_files(folder)]
+def lines(folder: Path) -> list[tuple[Path, list[bytes]]]:
+    return [(path, path.read_bytes().splitlines()) for _, path in audit_files(folder)]
 
 
-def test_records_chain_from_genesis(audit_dir):
+def all_records(folder: Path) -> list[dict]:
+    return [json.loads(line) for _, chunk in lines(folder) for line in chunk]
+
+
+def chain_key(line: bytes) -> bytes:
+    """The chain key of a file, opened with the private key as only its owner (root) can."""
+    header = json.loads(line)
+    private = audit_chain.verifier_private_key(audit_chain.key_paths())
+    return audit_chain.unseal(private, header["key"])
+
+
+def test_records_chain_from_genesis_with_a_header_and_a_close_record(audit_dir):
     write(audit_dir, 5)
-    records = [json.loads(line) for _, chunk in lines(audit_dir) for line in chunk]
-    assert [r["seq"] for r in records] == [0, 1, 2, 3, 4]
+    records = all_records(audit_dir)
+    assert [r["seq"] for r in records] == list(range(7))
+    assert records[0]["event"] == audit_chain.FILE_EVENT and records[0]["after"] is None
     assert records[0]["prev"] == GENESIS
+    assert records[-1]["event"] == audit_chain.CLOSE_EVENT
     for before, after in itertools.pairwise(records):
-        assert after["prev"] == before["hash"]
-    assert all(record_hash(r) == r["hash"] for r in records)
-    assert verify(audit_dir).ok and verify(audit_dir).n_records == 5
+        assert after["prev"] == before["mac"]
+    assert [r["i"] for r in call_records(audit_dir)] == [0, 1, 2, 3, 4]
+    result = verify(audit_dir)
+    assert result.ok and result.n_records == 5 and not result.old_format
+
+
+def test_the_mac_is_keyed_and_covers_the_exact_bytes(audit_dir):
+    write(audit_dir, 3)
+    ((path, chunk),) = lines(audit_dir)
+    key = chain_key(chunk[0])
+    record, core, mac = audit_chain.decode_line(chunk[2])
+    assert audit_chain.mac_of(key, core) == mac
+    assert hashlib.sha256(core).hexdigest() != mac  # a plain hash is not what the chain holds
+    # re-MAC an edited record with any key but the chain's: detected
+    edited = {**record, "i": 42}
+    chunk[2] = audit_chain.encode_line(edited, b"k" * 32)[0]
+    path.write_bytes(b"".join(line + b"\n" for line in chunk))
+    result = verify(audit_dir)
+    assert not result.ok and "mac mismatch" in result.first_error
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        (lambda core: core[:-1] + b',"i":7}', "duplicate key 'i'"),  # JSON parsers keep the last one
+        (lambda core: core.replace(b'":', b'": '), "not in canonical form"),
+        (lambda core: core.replace(b'"rpc":"/x/Y"', b'"rpc":"\\/x\\/Y"'), "not in canonical form"),
+    ],
+)
+def test_a_correctly_keyed_line_that_is_not_the_writers_bytes_fails(audit_dir, forge, message):
+    """Even with the chain key, a line whose bytes are not the canonical form does not verify:
+    what verify checks is what is on disk, not what a parser makes of it."""
+    write(audit_dir, 3)
+    ((path, chunk),) = lines(audit_dir)
+    key = chain_key(chunk[0])
+    _, core, _ = audit_chain.decode_line(chunk[2])
+    forged = forge(core)
+    chunk[2] = forged[:-1] + b',"mac":"' + audit_chain.mac_of(key, forged).encode() + b'"}'
+    path.write_bytes(b"".join(line + b"\n" for line in chunk))
+    result = verify(audit_dir)
+    assert not result.ok and message in result.first_error, result.first_error
 
 
 def test_rotation_continues_the_chain_across_files(audit_dir):
-    write(audit_dir, 40, max_bytes=1024)
+    write(audit_dir, 40, max_file_bytes=1024)
     files = lines(audit_dir)
     assert len(files) > 2
     assert all(path.stat().st_size <= 1024 for path, _ in files)
-    first_of_second = json.loads(files[1][1][0])
-    last_of_first = json.loads(files[0][1][-1])
-    assert first_of_second["prev"] == last_of_first["hash"]
+    assert all(json.loads(chunk[0])["event"] == audit_chain.FILE_EVENT for _, chunk in files)
+    assert json.loads(files[1][1][0])["prev"] == json.loads(files[0][1][-1])["mac"]
     result = verify(audit_dir)
     assert result.ok, result.first_error
     assert result.n_records == 40
 
 
-def test_reopening_continues_the_chain(audit_dir):
+def test_retention_bounds_files_and_bytes_and_still_verifies(audit_dir):
+    write(audit_dir, 200, max_file_bytes=1024, max_files=4)
+    assert len(audit_files(audit_dir)) == 4
+    assert audit_files(audit_dir)[0][0] > 1
+    result = verify(audit_dir)
+    assert result.ok, result.first_error
+    shutil.rmtree(audit_dir)
+    write(audit_dir, 200, max_file_bytes=1024, max_total_bytes=3000)
+    assert sum(path.stat().st_size for _, path in audit_files(audit_dir)) <= 3000 + 1024
+    assert verify(audit_dir).ok
+
+
+def test_deleting_more_than_retention_pruned_is_detected(audit_dir):
+    write(audit_dir, 200, max_file_bytes=1024, max_files=4)
+    audit_files(audit_dir)[0][1].unlink()
+    result = verify(audit_dir)
+    assert not result.ok and "missing (retention removed only" in result.first_error
+
+
+def test_reopening_continues_the_chain_in_a_new_file(audit_dir):
     write(audit_dir, 3)
     with AuditLog(audit_dir) as log:
-        assert log.head[0] == 2
+        assert log.head[0] == 5  # header, 3 records, close record, the new file's header
         log.append({"after": "restart"})
+    assert len(audit_files(audit_dir)) == 2
     result = verify(audit_dir)
     assert result.ok and result.n_records == 4
 
@@ -64,7 +145,7 @@ def test_torn_last_line_is_cut_on_reopen(audit_dir):
     write(audit_dir, 3)
     path = audit_files(audit_dir)[-1][1]
     with path.open("ab") as handle:
-        handle.write(b'{"seq":3,"half')  # a crash in the middle of a write
+        handle.write(b'{"seq":5,"half')  # a crash in the middle of a write
     assert not verify(audit_dir).ok
     with AuditLog(audit_dir) as log:
         log.append({"after": "crash"})
@@ -79,8 +160,9 @@ def test_one_writer_per_folder(audit_dir):
 
 def test_reserved_fields_and_closed_log_are_refused(audit_dir):
     log = AuditLog(audit_dir)
-    with pytest.raises(ValueError, match="set by the trail"):
-        log.append({"hash": "x"})
+    for reserved in ({"hash": "x"}, {"mac": "x"}, {"event": audit_chain.CLOSE_EVENT}):
+        with pytest.raises(ValueError, match="set by the trail"):
+            log.append(reserved)
     with pytest.raises(TypeError):
         log.append({"value": object()})
     log.close()
@@ -94,12 +176,12 @@ def test_flush_makes_records_durable_and_visible(audit_dir):
             log.append({"i": i})
         log.flush()
         assert verify(audit_dir).n_records == 10
-        assert log.head[0] == 9
+        assert log.head[0] == 10
 
 
 def test_concurrent_threads_lose_nothing_even_with_a_tiny_queue(audit_dir):
     per_thread, n_threads = 150, 6
-    with AuditLog(audit_dir, max_bytes=4096, queue_size=4) as log:
+    with AuditLog(audit_dir, AuditSettings(max_file_bytes=4096), queue_size=4) as log:
 
         def worker(t: int) -> None:
             for i in range(per_thread):
@@ -113,8 +195,7 @@ def test_concurrent_threads_lose_nothing_even_with_a_tiny_queue(audit_dir):
     result = verify(audit_dir)
     assert result.ok, result.first_error
     assert result.n_records == per_thread * n_threads
-    seen = {(r["t"], r["i"]) for _, chunk in lines(audit_dir) for r in map(json.loads, chunk)}
-    assert len(seen) == per_thread * n_threads
+    assert len({(r["t"], r["i"]) for r in call_records(audit_dir)}) == per_thread * n_threads
 
 
 def test_append_async_returns_once_durable(audit_dir):
@@ -130,44 +211,54 @@ def test_append_async_returns_once_durable(audit_dir):
 @pytest.mark.parametrize(
     ("tamper", "message"),
     [
-        ("edit", "altered"),
+        ("edit", "mac mismatch"),
         ("delete", "deleted or reordered"),
         ("swap", "deleted or reordered"),
         ("truncate_middle_file", "does not link|deleted or reordered"),
         ("cut_middle_file_mid_line", "partial record"),
         ("drop_middle_file", "missing"),
-        ("drop_first_file", "deleted or reordered"),
-        ("garbage", "not valid JSON"),
+        ("drop_first_file", "missing"),
+        ("garbage", "no mac"),
     ],
 )
 def test_tampering_is_detected(audit_dir, tamper, message):
-    write(audit_dir, 30, max_bytes=700)
+    write(audit_dir, 30, max_file_bytes=1000)
     files = lines(audit_dir)
     assert len(files) >= 3
     path, chunk = files[1]
     if tamper == "edit":
-        record = json.loads(chunk[1])
-        record["rpc"] = "/x/Other"
-        chunk[1] = json.dumps(record)
-        path.write_text("\n".join(chunk) + "\n")
+        chunk[1] = chunk[1].replace(b'"rpc":"/x/Y"', b'"rpc":"/x/Z"')
     elif tamper == "delete":
-        path.write_text("\n".join(chunk[:1] + chunk[2:]) + "\n")
+        del chunk[1]
     elif tamper == "swap":
-        chunk[0], chunk[1] = chunk[1], chunk[0]
-        path.write_text("\n".join(chunk) + "\n")
+        chunk[1], chunk[2] = chunk[2], chunk[1]
     elif tamper == "truncate_middle_file":
-        path.write_text("\n".join(chunk[:-1]) + "\n")
-    elif tamper == "cut_middle_file_mid_line":
+        chunk.pop()
+    elif tamper == "garbage":
+        chunk.insert(1, b"{oops")
+    if tamper == "cut_middle_file_mid_line":
         path.write_bytes(path.read_bytes()[:-10])
     elif tamper == "drop_middle_file":
         path.unlink()
     elif tamper == "drop_first_file":
         files[0][0].unlink()
-    elif tamper == "garbage":
-        path.write_text("\n".join([*chunk[:1], "{oops", *chunk[1:]]) + "\n")
+    else:
+        path.write_bytes(b"".join(line + b"\n" for line in chunk))
     result = verify(audit_dir)
     assert not result.ok
     assert re.search(message, result.first_error), result.first_error
+
+
+def test_a_new_chain_starts_from_the_last_head_of_the_previous_one(audit_dir):
+    root = audit_dir.parent / "trail"
+    write(root / "first", 3)
+    write(root / "second", 2)
+    previous = all_records(root / "first")[-1]
+    genesis = all_records(root / "second")[0]
+    assert genesis["after"] == {"chain": "first", "seq": previous["seq"], "mac": previous["mac"]}
+    assert genesis["prev"] == previous["mac"]
+    trail = verify_trail(root)
+    assert trail.ok, trail.errors
 
 
 # ------------------------------------------------------------------------------ property tests
@@ -190,10 +281,10 @@ def _fresh(tmp_path: Path) -> Path:
 
 
 @_SETTINGS
-@given(records=_records, max_bytes=st.integers(150, 2000))
-def test_any_written_trail_verifies(tmp_path, records, max_bytes):
+@given(records=_records, max_file_bytes=st.integers(150, 2000))
+def test_any_written_trail_verifies(tmp_path, audit_dir, records, max_file_bytes):
     folder = _fresh(tmp_path)
-    with AuditLog(folder, max_bytes=max_bytes) as log:
+    with AuditLog(folder, AuditSettings(max_file_bytes=max_file_bytes)) as log:
         for record in records:
             log.append(record)
     result = verify(folder)
@@ -202,23 +293,23 @@ def test_any_written_trail_verifies(tmp_path, records, max_bytes):
 
 @_SETTINGS
 @given(records=_records, data=st.data())
-def test_any_change_before_the_last_record_is_detected(tmp_path, records, data):
+def test_any_change_before_the_last_record_is_detected(tmp_path, audit_dir, records, data):
     folder = _fresh(tmp_path)
-    with AuditLog(folder, max_bytes=400) as log:
+    with AuditLog(folder, AuditSettings(max_file_bytes=600)) as log:
         for record in records:
             log.append(record)
     all_lines = [(path, i) for path, chunk in lines(folder) for i in range(len(chunk))]
-    # every record but the newest: removing only the tail leaves a valid, shorter chain
+    # every record but the newest (the close record): only the trail check vouches for the end
     target_path, target = data.draw(st.sampled_from(all_lines[:-1]))
-    chunk = target_path.read_text().splitlines()
+    chunk = target_path.read_bytes().splitlines()
     action = data.draw(st.sampled_from(["edit", "delete", "swap_next", "duplicate"]))
     if action == "edit":
-        record = json.loads(chunk[target])
-        key = data.draw(st.sampled_from(sorted(record)))
+        record, _, _ = audit_chain.decode_line(chunk[target])
+        key = data.draw(st.sampled_from(sorted(k for k in record if k != "v")))
         record[key] = data.draw(
             _values.filter(lambda v, old=record[key]: v != old or type(v) is not type(old))
         )
-        chunk[target] = json.dumps(record)
+        chunk[target] = json.dumps(record).encode()
     elif action == "delete":
         del chunk[target]
     elif action == "duplicate":
@@ -227,5 +318,5 @@ def test_any_change_before_the_last_record_is_detected(tmp_path, records, data):
         chunk[target], chunk[target + 1] = chunk[target + 1], chunk[target]
     else:
         del chunk[target]  # the last line of a middle file: its loss must show in the next file
-    target_path.write_text("".join(line + "\n" for line in chunk))
+    target_path.write_bytes(b"".join(line + b"\n" for line in chunk))
     assert not verify(folder).ok

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from appliance.security import commands
-from appliance.security.audit import AuditLog, audit_files
+from appliance.security.audit import AuditLog, audit_files, stream_dir
 from appliance.security.tokens import TokenStore
 
 
@@ -50,9 +50,9 @@ def test_audit_verify_exit_codes(home, capsys):
             log.append({"rpc": "/a/B", "i": i})
     assert cli(["audit", "verify"]) == 0
     assert "3 records" in capsys.readouterr().out
-    path = audit_files(home / "audit")[0][1]
+    path = audit_files(stream_dir(home / "audit"))[0][1]
     path.write_text(path.read_text().replace('"i":1', '"i":7'))
     assert cli(["audit", "verify", "--dir", str(home / "audit")]) == 1
     err = capsys.readouterr().err
-    assert "BROKEN" in err and "line 2" in err
+    assert "BROKEN" in err and "line 3" in err  # line 1 is the file's header
     assert cli(["audit", "verify", "--dir", str(home / "nowhere")]) == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from perimeter_harness import Client, run, run_server, status_of
 
 from appliance.security import pki, tls
-from appliance.security.audit import AuditLog, verify
+from appliance.security.audit import AuditLog, AuditSettings, call_records, verify
 from appliance.security.interceptor import AuthAuditInterceptor, open_prefixes
 from appliance.security.tokens import TokenStore
 
@@ -24,7 +23,7 @@ Code = grpc.StatusCode
 
 
 def read_records(folder: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted(folder.glob("audit-*.jsonl")) for line in path.open()]
+    return call_records(folder)
 
 
 def _secure(pki_dir: Path, port: int, client: str | None) -> grpc.aio.Channel:
@@ -244,7 +243,7 @@ def test_no_audit_record_lost_under_concurrent_calls(pki_dir, store, audit_dir):
 
     async def scenario():
         # a small file limit forces rotations while calls race
-        with AuditLog(audit_dir, max_bytes=8 * 1024, queue_size=16) as audit:
+        with AuditLog(audit_dir, AuditSettings(max_file_bytes=8 * 1024), queue_size=16) as audit:
             interceptor = AuthAuditInterceptor(store, audit)
             async with connected(interceptor, pki_dir) as channel:
                 allowed, stranger = Client(channel, good), Client(channel, None)
@@ -280,4 +279,4 @@ def test_edited_audit_file_fails_verification(pki_dir, store, audit_dir):
     path.write_text(path.read_text().replace('"code":"UNAUTHENTICATED"', '"code":"OK"'))
     result = verify(audit_dir)
     assert not result.ok
-    assert "line 4" in result.first_error and "altered" in result.first_error
+    assert "line 5" in result.first_error and "altered" in result.first_error  # line 1: the file header

@@ -9,7 +9,6 @@ perimeter is the same, and it starts in seconds).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -113,9 +112,7 @@ class LiveServer:
 
 
 def audit_records(folder: Path) -> list[dict[str, object]]:
-    return [
-        json.loads(line) for _, path in audit.audit_files(folder) for line in path.read_bytes().splitlines()
-    ]
+    return audit.call_records(folder)
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -299,4 +296,4 @@ def test_the_audit_trail_holds_every_decision_and_verifies(
     first.write_bytes(b"".join(lines))
     broken = cli(home, "audit", "verify", "--dir", str(copy))
     assert broken.returncode == 1
-    assert "hash mismatch" in broken.stderr
+    assert "mac mismatch" in broken.stderr
