@@ -149,11 +149,12 @@ class AuditLog:
         self._size = 0
         self._file_n, self._seq, self._prev = _recover(self.dir)  # writer-thread state
         self._head = (self._seq - 1, self._prev)
-        # every file repeats the chain's link backwards, so that retention never loses it
-        self._after = _link(self.dir) if self._seq == 0 else _after_of(self.dir)
-        if self._seq == 0 and self._after is not None:
-            self._prev = str(self._after["mac"])  # the new genesis is the previous chain's head
-        self._open_file(self._file_n + 1)
+        self._after: dict[str, Any] | None = None
+        self._linked = False
+        try:
+            self._start_file()
+        except OSError as exc:  # a full disk at start: refuse calls and retry, rather than crash-loop
+            self._set_write_problem(f"{exc.strerror or exc} ({self.dir})")
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -247,6 +248,16 @@ class AuditLog:
 
     # -------------------------------------------------------------------------------- writer thread
 
+    def _start_file(self) -> None:
+        """Link the chain (once) and open its next file."""
+        if not self._linked:
+            # every file repeats the chain's link backwards, so that retention never loses it
+            self._after = _link(self.dir) if self._seq == 0 else _after_of(self.dir)
+            if self._seq == 0 and self._after is not None:
+                self._prev = str(self._after["mac"])  # the new genesis is the previous chain's head
+            self._linked = True
+        self._open_file(self._file_n + 1)
+
     def _run(self) -> None:
         pending: list[_Item] = []
         stopping = False
@@ -255,6 +266,10 @@ class AuditLog:
             if not pending:
                 if stopping:
                     break
+                if self._fd < 0:  # no file yet: nothing else clears the problem while calls are refused
+                    with contextlib.suppress(OSError):
+                        self._start_file()
+                        self._set_write_problem(None)
                 pending, stopping = self._take()
                 if stopping:
                     pending.append(({"event": audit_chain.CLOSE_EVENT, "time": _now()}, None))
@@ -301,6 +316,8 @@ class AuditLog:
     def _write_pending(self, pending: list[_Item]) -> list[_Item]:
         """Write ``pending`` in file-sized groups, acknowledging each group once it is fsynced.
         Returns what is left (nothing). Raises OSError with the unwritten rest still pending."""
+        if self._fd < 0:
+            self._start_file()
         while pending:
             lines: list[bytes] = []
             seq, prev, size = self._seq, self._prev, self._size

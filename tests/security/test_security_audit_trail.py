@@ -71,6 +71,21 @@ def test_below_the_watermark_the_trail_says_so_and_recovers_by_itself(tmp_path, 
         assert verify(disk / "chain").n_records == 1
 
 
+def test_a_writer_started_on_a_full_disk_waits_for_space_instead_of_failing(tmp_path, audit_dir):
+    """A server restarted onto a full disk must not crash-loop: it refuses calls until space returns."""
+    with small_tmpfs(tmp_path / "disk") as disk:
+        (disk / "chain").mkdir()
+        filler = fill(disk)
+        settings = AuditSettings(min_free_bytes=0, poll_seconds=0.05)
+        with AuditLog(disk / "chain", settings) as log:
+            assert log.unavailable is not None and "No space left" in log.unavailable
+            filler.unlink()
+            assert wait_for(lambda: log.unavailable is None)  # no record needed to notice
+            log.append({"after": "space returned"})
+        result = verify(disk / "chain")
+        assert result.ok and result.n_records == 1, result.first_error
+
+
 # ---------------------------------------------------------------------------- the real CLI
 
 
