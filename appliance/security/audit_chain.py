@@ -151,7 +151,13 @@ def writer_public_key(paths: KeyPaths) -> X25519PublicKey:
             paths.public,
             paths.private,
         )
-        create_keys(paths)
+        try:
+            create_keys(paths)
+        except PermissionError:
+            raise FailedPrecondition(
+                f"no audit key at {paths.public}, and this account cannot create one: "
+                "run 'appliance audit init-key' as root"
+            ) from None
     return X25519PublicKey.from_public_bytes(_read_key(paths.public))
 
 
