@@ -22,6 +22,7 @@ from test_security_server import MODEL, PROBE, LiveServer, published_home
 
 from appliance._proto.inference import grpc_service_pb2 as kserve_pb
 from appliance._proto.inference import grpc_service_pb2_grpc as kserve_grpc
+from appliance.artifact.selfcheck import SELF_CHECK_FILE
 from appliance.security.tokens import TokenStore
 from appliance.store import SERVING, Manifest, ModelStore
 
@@ -34,9 +35,14 @@ _STORE_FIELDS = ("format", "name", "version", "created_at", "files")
 
 
 def republish(store: ModelStore, source: Manifest, favour: str) -> Manifest:
-    """Publish the next version of ``source``'s model from its files, its head biased to ``favour``."""
+    """Publish the next version of ``source``'s model from its files, its head biased to ``favour``.
+
+    Without the source's self-check set: the biased head is meant to answer differently, which the
+    set would refuse (test_security_self_check covers that)."""
     with store.staging(source.name) as stage:
         for rel in source.data["files"]:
+            if rel == SELF_CHECK_FILE:
+                continue
             (stage.folder / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source.folder / rel, stage.folder / rel)
         with np.load(stage.folder / "head.npz") as head:
@@ -44,7 +50,7 @@ def republish(store: ModelStore, source: Manifest, favour: str) -> Manifest:
         bias[list(source.data["labels"]).index(favour)] += 100.0
         with (stage.folder / "head.npz").open("wb") as handle:
             np.savez(handle, weight=weight, bias=bias)
-        return stage.commit({k: v for k, v in source.data.items() if k not in _STORE_FIELDS})
+        return stage.commit({k: v for k, v in source.data.items() if k not in (*_STORE_FIELDS, "self_check")})
 
 
 @pytest.fixture(scope="module")
