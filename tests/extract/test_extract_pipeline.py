@@ -91,6 +91,26 @@ def test_eval_command_reports_span_f1(published: tuple[Path, ModelStore]) -> Non
     assert set(result["per_slot"]) == set(tagger.labels)
 
 
+@pytest.mark.slow
+def test_train_command_publishes_an_extractor(published: tuple[Path, ModelStore]) -> None:
+    home, store = published  # the base encoder is already exported in this home
+    subset = home / "train_subset.jsonl"
+    data = load_spans(RESTAURANT8K / "train_4.json")
+    rows = [
+        {"text": e.text, "spans": [{"label": s.label, "start": s.start, "end": s.end} for s in e.spans]}
+        for e in data.examples[:120]
+    ]
+    subset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = run(home, "train", "--task", "extract", "--data", subset, "--name", "cli-r8k", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kind"] == "span_extractor" and result["model"] == "cli-r8k:1"
+    assert 0.0 <= result["micro_f1"] <= 1.0 and result["quantization"]["metric"] == "span_f1"
+    spec = store.load("cli-r8k").spec
+    assert spec.extractor is not None and spec.extractor.trained_format.format == "spans_jsonl"
+    assert not spec.extractor.uses_context and spec.data.train.n_rows == 108  # a 10% split held out
+
+
 def test_train_extract_refuses_bad_data_with_located_errors_and_publishes_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     rows = [
