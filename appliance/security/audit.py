@@ -278,8 +278,9 @@ class AuditLog:
             try:
                 pending = self._write_pending(pending)
                 self._set_write_problem(None)
-            except OSError as exc:
-                self._set_write_problem(f"{exc.strerror or exc} ({self.dir})")
+            except Exception as exc:  # disk full, I/O error: keep the records, refuse new calls, retry
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+                self._set_write_problem(f"{reason} ({self.dir})")
                 if self._closed:
                     deadline = deadline or time.monotonic() + self.settings.close_timeout_seconds
                     if time.monotonic() > deadline:
