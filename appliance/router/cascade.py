@@ -110,6 +110,7 @@ class Cascade:
         self._unfit: dict[tuple[str, int], str] = {}
         self._pending: list[DecisionRecord] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._flush_problem: str | None = None  # why the last batch of decision rows was dropped
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(FLUSH_INTERVAL_S)
@@ -123,7 +124,13 @@ class Cascade:
         try:
             await asyncio.to_thread(self.escalations.record_decisions, rows)
         except ApplianceError as e:  # report rows only, never acknowledged: the answers stand
-            log.warning("dropped %d decision rows: %s", len(rows), e.message)
+            if e.message != self._flush_problem:  # once per cause, not twice a second
+                log.warning("dropping decision rows until the store takes them again: %s", e.message)
+            self._flush_problem = e.message
+            return
+        if self._flush_problem is not None:
+            log.warning("decision rows are recorded again")
+            self._flush_problem = None
 
     async def close(self) -> None:
         if self._flusher is not None:

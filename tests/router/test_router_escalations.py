@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sqlite3
 import threading
@@ -10,11 +11,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from appliance.errors import FailedPrecondition, NotFound
 from appliance.router import escalations as esc
+from appliance.router.cascade import Cascade, ModelRef
+from appliance.router.cost import CostModel
 from appliance.router.escalations import DecisionRecord, EscalationRecord, EscalationStore
-from appliance.types import Cost
+from appliance.router.metrics import RouterMetrics
+from appliance.types import Cost, Policy, SpecialistAnswer
 
 DOCUMENTED_ESCALATION_COLUMNS = {
     "id", "created_at", "created_epoch", "model", "model_version", "text_sha256", "text",
@@ -195,3 +200,47 @@ def test_a_missing_migration_or_a_newer_database_is_refused(tmp_path: Path) -> N
     conn.close()
     with pytest.raises(FailedPrecondition, match="version 99, newer than this appliance"):
         EscalationStore(db)
+
+
+# ----------------------------------------------------------------------------- a damaged database
+
+
+def test_a_damaged_database_makes_a_lenient_store_unusable_until_it_is_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "e.db"
+    db.write_bytes(b"this is not an SQLite database" * 100)
+    with pytest.raises(sqlite3.DatabaseError):
+        EscalationStore(db)  # strict, as the CLI and tests open it
+    monkeypatch.setattr(esc, "REOPEN_INTERVAL_S", 0.0)
+    store = EscalationStore(db, strict=False)
+    assert store.problem is not None and store.problem.startswith("escalation store unusable: ")
+    with pytest.raises(FailedPrecondition, match=r"escalation store unusable: .*not a database"):
+        store.record_escalation(escalation())
+    cost = Cost(core_seconds=0.1)
+    with pytest.raises(FailedPrecondition):
+        store.record_decisions([DecisionRecord("bank", 3, "specialist", "cascade", cost, 1.0, "r")])
+    db.unlink()  # the operator moves the damaged file away
+    assert store.problem is None
+    rec = escalation()
+    assert store.record_escalation(rec) == rec.id
+    store.close()
+
+
+def test_decision_rows_the_store_refuses_are_dropped_without_failing_the_cascade(tmp_path: Path) -> None:
+    db = tmp_path / "e.db"
+    db.write_bytes(b"garbage" * 1000)
+    store = EscalationStore(db, strict=False)
+    cascade = Cascade(None, store, CostModel(cores=2), RouterMetrics(CollectorRegistry()))
+    ref = ModelRef(name="bank", version=1, labels=["a", "b"], threshold=0.5)
+    answer = SpecialistAnswer(
+        top=[("a", 0.9)], probs=None, truncated=False, core_seconds=0.01, latency_ms=1.0
+    )
+
+    async def run() -> None:
+        decisions = await cascade.decide(ref, [answer], Policy.SPECIALIST_ONLY, texts=["x"])
+        assert decisions[0].label == "a"
+        await cascade.close()  # flushes the rows the store refuses: logged, not raised
+
+    asyncio.run(run())
+    store.close()

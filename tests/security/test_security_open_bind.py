@@ -19,8 +19,15 @@ from tests.api.standin import KeywordBackend
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
 def test_auth_false_on_a_non_loopback_bind_refuses_to_start(host: str, pki_dir: Path) -> None:
     server = ApplianceServer(KeywordBackend(), ServerSettings(host=host, port=0, pki_dir=pki_dir, auth=False))
+
+    async def start_and_stop() -> None:
+        try:
+            await server.start()
+        finally:
+            await server.stop(grace=0)  # had it started, the test must not leave it listening
+
     with pytest.raises(FailedPrecondition, match=rf"refusing auth: false on {host}: .* loopback only"):
-        asyncio.run(server.start())
+        asyncio.run(start_and_stop())
     assert server.port == 0
 
 
