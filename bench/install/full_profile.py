@@ -80,6 +80,7 @@ def main() -> int:
         appliance_profile=args.profile,
         appliance_server_pki_manage="true",
         appliance_server_admin_token="true",
+        appliance_common_audit_seal_manage="true",
     )
     inventory = write_inventory(
         work / "inventory.ini",

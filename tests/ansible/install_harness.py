@@ -146,7 +146,8 @@ def release_pubkey(key: Path) -> Path:
 def chroot_vars(wheelhouse: Path, serve_config: str = "", *, release_key: Path) -> dict[str, str]:
     """Variables for a chroot target: the services are installed and enabled, not started
     (there is no init in a chroot); the perimeter policy is loaded for real, in the command's own
-    network namespace. The CLI-driven PKI and token steps need the full profile (bench/install).
+    network namespace. The CLI-driven PKI, token and audit-key steps need the full profile
+    (bench/install).
     ``release_key`` signed the wheelhouse; the install is given its public key."""
     return {
         "ansible_connection": "netns_chroot",
@@ -159,6 +160,7 @@ def chroot_vars(wheelhouse: Path, serve_config: str = "", *, release_key: Path) 
         "appliance_server_start": "false",
         "appliance_server_pki_manage": "false",
         "appliance_server_admin_token": "false",
+        "appliance_common_audit_seal_manage": "false",
         "appliance_server_serve_config_src": serve_config,
         "appliance_perimeter_client_networks": "['198.51.100.0/24']",
     }

@@ -7,14 +7,21 @@ which is loaded into network namespaces made here and shown to drop outbound tra
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from install_harness import REPO, PlaybookRun, chroot_vars, run_adhoc, run_playbook, write_inventory
 
 from appliance.config import OFFLINE_ENV
@@ -278,6 +285,73 @@ def test_ray_token_auth_is_on_with_one_shared_private_token(cluster: Cluster) ->
     assert token not in cluster.converge.output and token not in cluster.second.output  # never logged
 
 
+def test_ray_tls_material_is_per_box_and_the_ca_key_stays_on_the_controller(cluster: Cluster) -> None:
+    controller = cluster.inventory.parent / "credentials" / "ray-tls"
+    assert (controller / "ca.key").stat().st_mode & 0o777 == 0o600
+    ca = x509.load_pem_x509_certificate((controller / "ca.crt").read_bytes())
+    for role, address in (("head", HEAD_ADDRESS), ("worker", WORKER_ADDRESS)):
+        folder = cluster.targets[role] / "etc/appliance/ray-tls"
+        assert sorted(p.name for p in folder.iterdir()) == ["ca.crt", "node.crt", "node.key"], role
+        key = (folder / "node.key").stat()
+        assert (key.st_uid, key.st_gid, key.st_mode & 0o777) == (
+            0,
+            _group_id(cluster.targets[role], "appliance"),
+            0o640,
+        )
+        cert = x509.load_pem_x509_certificate((folder / "node.crt").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert address in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)], role
+        env = (cluster.targets[role] / "etc/appliance/env").read_text().splitlines()
+        assert "RAY_USE_TLS=1" in env and "RAY_TLS_CA_CERT=/etc/appliance/ray-tls/ca.crt" in env
+
+
+def test_installed_ray_material_admits_the_cluster_and_no_one_else(cluster: Cluster, tmp_path: Path) -> None:
+    """Ray 2.60 itself (this checkout's) with each box's installed environment file, token and
+    certificates, in network namespaces holding the boxes' addresses: the worker joins the head
+    over TLS with the token; a driver without the token, or without TLS, is refused."""
+    head, worker = (_ray_env(cluster.targets[role], tmp_path / role) for role in ("head", "worker"))
+    ray = str(Path(sys.executable).with_name("ray"))
+    address = f"{HEAD_ADDRESS}:6379"
+    # Ray's socket paths must stay short (108 bytes), so not pytest's long folders.
+    sessions = Path(tempfile.mkdtemp(prefix="appl-ray-", dir="/tmp"))
+    with _namespaces() as (box, net):
+        started = []
+        try:
+            common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+            head_node = [
+                "--head",
+                "--port",
+                "6379",
+                "--node-ip-address",
+                HEAD_ADDRESS,
+                "--include-dashboard",
+                "false",
+            ]
+            started.append(
+                _spawn(box, head, [ray, "start", *common, *head_node, "--temp-dir", f"{sessions}/h"])
+            )
+            assert _driver(box, head, address, "len(ray.nodes())", wait=90) == "1"
+            worker_node = [
+                "--address",
+                address,
+                "--node-ip-address",
+                WORKER_ADDRESS,
+                "--temp-dir",
+                f"{sessions}/w",
+            ]
+            started.append(_spawn(net, worker, [ray, "start", *common, *worker_node]))
+            alive = "sum(node['Alive'] for node in ray.nodes())"
+            assert _driver(box, head, address, alive, wait=90, expect="2") == "2"
+            assert _driver(box, {**head, "RAY_AUTH_TOKEN": "0" * 64}, address, alive) is None
+            no_tls = {key: value for key, value in head.items() if key != "RAY_USE_TLS"}
+            assert _driver(box, no_tls, address, alive) is None
+        finally:
+            for proc in started:
+                _stop_group(proc)
+            shutil.rmtree(sessions, ignore_errors=True)
+
+
 def test_ray_and_the_server_require_the_perimeter(cluster: Cluster) -> None:
     """Fail closed: without the loaded policy, no unit that opens a port starts."""
     for role, units in UNITS.items():
@@ -406,3 +480,62 @@ def _group_id(target: Path, name: str) -> int:
         line for line in (target / "etc/group").read_text().splitlines() if line.startswith(f"{name}:")
     )
     return int(line.split(":")[2])
+
+
+def _ray_env(target: Path, home: Path) -> dict[str, str]:
+    """The RAY_* settings of the box's environment file, with its files read from the tree."""
+    home.mkdir(parents=True)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    for line in (target / "etc/appliance/env").read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.startswith("RAY_") and key != "RAY_DASHBOARD_ENABLED":
+            env[key] = str(target) + value if value.startswith("/") else value
+    assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_USE_TLS", "RAY_TLS_SERVER_CERT"} <= env.keys(), env
+    return env
+
+
+def _spawn(namespace: str, env: dict[str, str], argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", namespace, *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: every Ray process stops with it
+    )
+
+
+DRIVER = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("RESULT", eval(sys.argv[2]), flush=True)
+"""
+
+
+def _driver(
+    namespace: str, env: dict[str, str], address: str, expression: str, wait: float = 0, expect: str = ""
+) -> str | None:
+    """``expression`` evaluated by a driver connected to ``address``; None if it cannot connect
+    within 40 s. With ``wait``, retried until it connects (and equals ``expect``, if given)."""
+    deadline = time.monotonic() + wait
+    while True:
+        argv = ["ip", "netns", "exec", namespace, sys.executable, "-c", DRIVER, address, expression]
+        try:
+            out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=40).stdout
+        except subprocess.TimeoutExpired:
+            out = ""
+        found = re.search(r"^RESULT (.*)$", out, re.MULTILINE)
+        value = found.group(1) if found else None
+        if (value is not None and (not expect or value == expect)) or time.monotonic() > deadline:
+            return value
+        time.sleep(2)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop `ray start --block` (it stops what it started), then sweep its process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

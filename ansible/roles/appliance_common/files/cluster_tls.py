@@ -1,0 +1,1 @@
+../../../../appliance/security/cluster_tls.py
