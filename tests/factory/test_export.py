@@ -128,19 +128,18 @@ def test_exported_graphs_are_fused_and_quantised(exported: dict[str, Path]) -> N
     # static: activation scales stored in the graph (QDQ), none computed per batch
     assert {"QuantizeLinear", "DequantizeLinear"} <= int8_ops, sorted(int8_ops)
     assert not int8_ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, sorted(int8_ops)
-    # int8 GEMMs: Q, K, V, attention output and FFN input of each of the 6 layers; the attention
+    # int8 GEMMs: query, key, value, attention output and FFN input of the 6 layers; the attention
     # products and the FFN output stay float (appliance.factory.int8)
     dequantized = {o for node in int8.graph.node if node.op_type == "DequantizeLinear" for o in node.output}
-    quantized = [
-        n.name for n in int8.graph.node if n.op_type == "MatMul" and set(n.input[:2]) <= dequantized
-    ]
+    quantized = [n.name for n in int8.graph.node if n.op_type == "MatMul" and set(n.input[:2]) <= dequantized]
     ffn_out = [n for n in quantized if n.endswith("/output/dense/MatMul") and "attention" not in n]
-    assert len(quantized) == 24 and not ffn_out, quantized
+    assert len(quantized) == 6 * 5 and not ffn_out, quantized
     # per-channel: the weight scales are vectors, one value per output channel
     scales = [t for t in int8.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1]
     assert scales and all(t.dims[0] > 1 for t in scales)
+    # the float word-embedding table (47 MB) and FFN-output weights keep int8 at ~77% of fp32
     int8_size = (exported["int8"] / "model.onnx").stat().st_size
-    assert int8_size < 0.5 * (exported["fp32"] / "model.onnx").stat().st_size
+    assert int8_size < 0.8 * (exported["fp32"] / "model.onnx").stat().st_size
 
 
 def test_layer_norms_and_gelus_are_fused(exported: dict[str, Path]) -> None:
