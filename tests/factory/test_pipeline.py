@@ -224,7 +224,10 @@ def test_the_manifest_describes_the_model(trained: TrainResult, workdir: Path) -
     assert data == trained.manifest.data
     assert (data["name"], data["version"], data["kind"], data["mode"]) == ("bank8", 1, "classifier", "head")
     assert data["labels"] == sorted(LABELS)
-    assert set(data["files"]) == {"head.npz", "MODEL_CARD.md", "report.json"}
+    assert set(data["files"]) == {"head.npz", "MODEL_CARD.md", "report.json", "selfcheck.json"}
+    check = data["self_check"]  # every held-out row, since there are fewer than 300
+    assert (check["file"], check["n"], check["min_agreement"]) == ("selfcheck.json", 160, 0.98)
+    assert check["factory_accuracy"] == data["metrics"]["accuracy"] and check["factory_fp32_agreement"] > 0.9
     assert data["encoder"]["dim"] == 384 and data["encoder"]["window"] == 256
     assert set(data["encoders"]) == {"fp32", "int8"}
     assert data["base_encoder"]["name"] == "model" and len(data["base_encoder"]["sha256"]) == 64
