@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.security.files import make_private_dir
+from appliance.files import make_private_dir
 
 # Usage statistics and hub access off, for this process and every child it starts.
 OFFLINE_ENV: dict[str, str] = {

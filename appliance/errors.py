@@ -88,3 +88,16 @@ def status_of(exc: BaseException) -> Status:
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return Status(grpc.StatusCode.CANCELLED, "the call was cancelled")
     return Status(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
+    """The status already set on ``context`` (by an abort or ``set_code``), or None while it is OK."""
+    try:
+        code = context.code()
+    except (AttributeError, NotImplementedError):
+        return None
+    if code is None or code == grpc.StatusCode.OK:
+        return None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from appliance import config
 from appliance.artifact.manifest import SpecialistManifest
 from appliance.errors import IntegrityError, InvalidArgument, NotFound
-from appliance.security.files import make_private_dir, private_mode, restrict_tree
+from appliance.files import make_private_dir, private_mode, restrict_tree
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import grpc
 
-from appliance.errors import status_of
+from appliance.errors import context_code, status_of
 from appliance.serve.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,3 @@ class Boundary:
             return
         label = self.default_label if model is None else self.metrics.model_label(model)
         self.metrics.observe_request(self.service, method, label, code.name, time.perf_counter() - started)
-
-
-def context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
-    """The status already set on ``context`` (by an abort or ``set_code``), or None while it is OK."""
-    try:
-        code = context.code()
-    except (AttributeError, NotImplementedError):
-        return None
-    if code is None or code == grpc.StatusCode.OK:
-        return None
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)

@@ -212,15 +212,15 @@ class ApplianceServer:
                 await self.health.set(GENERATION_SERVICE, serving if gen_ready else not_serving)
             await asyncio.sleep(0.25)
 
-    def tls_problem(self) -> str | None:
-        """Why TLS cannot be served (an expired server certificate), or None; health then says
-        NOT_SERVING for the inference services."""
-        return self._expiry.check() if self._expiry is not None else None
-
     def audit_problem(self) -> str | None:
         """Why calls cannot be audited now (the reason is logged by the trail), or None; health
         then says NOT_SERVING for every service, and calls are refused UNAVAILABLE."""
         return self._audit.unavailable if self._audit is not None else None
+
+    def tls_problem(self) -> str | None:
+        """Why TLS cannot be served (an expired server certificate), or None; health then says
+        NOT_SERVING for the inference services."""
+        return self._expiry.check() if self._expiry is not None else None
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self, grace: float | None = None) -> None:

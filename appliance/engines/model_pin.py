@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.config import appliance_home
 from appliance.errors import IntegrityError
-from appliance.security.files import write_atomic
+from appliance.files import write_atomic
 from appliance.store import hash_files
 
 PIN_FORMAT = 1

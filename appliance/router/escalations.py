@@ -46,7 +46,7 @@ from appliance.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from appliance.security.files import create_private_file, make_private_dir
+from appliance.files import create_private_file, make_private_dir
 from appliance.types import Cost
 
 log = logging.getLogger(__name__)

@@ -51,7 +51,7 @@ from appliance.security.audit_chain import (
     streams,
 )
 from appliance.security.audit_verify import VerifyResult, verify
-from appliance.security.files import fsync_dir, make_private_dir, private_mode, write_atomic
+from appliance.files import fsync_dir, make_private_dir, private_mode, write_atomic
 
 __all__ = [
     "GENESIS",

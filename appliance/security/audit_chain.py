@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from appliance.config import state_dir
 from appliance.errors import FailedPrecondition
-from appliance.security.files import write_atomic
+from appliance.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -288,4 +288,3 @@ def _audit_verify(args: argparse.Namespace) -> int:
         return 1
     print(f"audit trail OK: {len(trail.chains)} chain(s) verified")
     return 0
-

@@ -41,8 +41,7 @@ from typing import Any
 
 import grpc
 
-from appliance.api.boundary import context_code
-from appliance.errors import ApplianceError, Status, status_of
+from appliance.errors import ApplianceError, Status, context_code, status_of
 from appliance.network import is_loopback
 from appliance.security.audit import AuditError, AuditLog
 from appliance.security.audit_chain import MAX_DETAILS_CHARS, MAX_FIELD_CHARS, clip

@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.config import state_dir
 from appliance.errors import InvalidArgument, NotFound
-from appliance.security.files import write_atomic
+from appliance.files import write_atomic
 
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=825)  # the longest leaf lifetime common TLS clients accept

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from appliance.config import state_dir
 from appliance.errors import FailedPrecondition, IntegrityError
-from appliance.security.files import write_atomic
+from appliance.files import write_atomic
 from appliance.security.release import key_id as key_id  # one definition, shared with bundles
 
 SIGNATURE_SUFFIX = ".sig"

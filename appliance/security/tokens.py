@@ -43,7 +43,7 @@ from typing import Any
 
 from appliance.config import state_dir
 from appliance.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
-from appliance.security.files import write_atomic
+from appliance.files import write_atomic
 
 TOKEN_PREFIX = "apl"
 LOCAL_ADMIN = "local-admin"

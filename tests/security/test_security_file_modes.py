@@ -120,7 +120,7 @@ def test_a_group_shared_home_keeps_group_read_and_nothing_for_others(tmp_path: P
 
 @pytest.mark.parametrize("umask", [0o077, 0o000])
 def test_the_mode_does_not_follow_the_umask(tmp_path: Path, umask: int) -> None:
-    from appliance.security.files import create_private_file, make_private_dir
+    from appliance.files import create_private_file, make_private_dir
 
     previous = os.umask(umask)
     try:

@@ -23,6 +23,7 @@ from test_security_server import MODEL, PROBE, LiveServer, published_home
 from appliance._proto.inference import grpc_service_pb2 as kserve_pb
 from appliance._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from appliance.artifact.selfcheck import SELF_CHECK_FILE
+from appliance.files import private_mode
 from appliance.security.tokens import TokenStore
 from appliance.store import SERVING, Manifest, ModelStore
 
@@ -141,7 +142,9 @@ def test_an_admin_choice_is_served_again_after_a_restart(no_choice: Path, admin:
         assert answer(live, reader, MODEL) == (1, ANSWERS[1])
     record = no_choice / "models" / MODEL / SERVING
     assert record.read_text().strip() == "1"
-    assert record.stat().st_mode & 0o777 == 0o644
+    # private like every file of the store: the folder's group may read it, others get no bit
+    assert record.stat().st_mode & 0o777 == private_mode(record.parent, folder=False)
+    assert record.stat().st_mode & 0o007 == 0
     with LiveServer(no_choice) as live:  # a new runtime over the same store
         assert answer(live, reader, MODEL) == (1, ANSWERS[1])
         with live.client(admin) as client:
