@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.files import fsync_dir, make_private_dir, private_mode, write_atomic
 from appliance.security import audit_chain
 from appliance.security.audit_chain import (
     GENESIS,
@@ -51,7 +52,6 @@ from appliance.security.audit_chain import (
     streams,
 )
 from appliance.security.audit_verify import VerifyResult, verify
-from appliance.files import fsync_dir, make_private_dir, private_mode, write_atomic
 
 __all__ = [
     "GENESIS",
