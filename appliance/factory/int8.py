@@ -8,9 +8,11 @@ whole batch, which moved 1-3% of Banking77 labels between "alone" and "in a batc
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +157,6 @@ def quantize_int8(
         return out_path
     if calibration is None:
         raise ValueError(f"int8 recipe {recipe.name} is static: it needs calibration texts")
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     model = with_float_types(onnx.load(str(onnx_path)))
     kept_float = [
@@ -163,6 +164,24 @@ def quantize_int8(
         for n in model.graph.node
         if n.op_type == "MatMul" and any(re.search(p, n.name) for p in recipe.float_matmuls)
     ]
+    # ORT's symbolic shape inference saves its partial result into the working directory when it
+    # cannot infer every shape (it cannot on fused contrib ops): keep that out of the caller's folder.
+    target = out_path.resolve()  # before the working directory changes
+    with tempfile.TemporaryDirectory(prefix="appliance-int8-") as scratch, contextlib.chdir(scratch):
+        _quantize_static(model, target, calibration, recipe, kept_float, extra)
+    return out_path
+
+
+def _quantize_static(
+    model: onnx.ModelProto,
+    out_path: Path,
+    calibration: TextBatches,
+    recipe: Recipe,
+    kept_float: list[str],
+    extra: dict[str, object],
+) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     quantize_static(
         model,
         str(out_path),
@@ -179,4 +198,3 @@ def quantize_int8(
         calibrate_method=CalibrationMethod.MinMax,
         extra_options=extra,
     )
-    return out_path
