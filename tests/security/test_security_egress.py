@@ -2,18 +2,19 @@
 
 ``appliance serve`` (local Ray, Ray Serve, the specialist, the vLLM generalist), a client session
 (classify on both routes, streaming generate), the ``classify`` and ``status`` commands and
-``appliance stop`` each run under ``strace -f -e trace=connect``, which records every connect()
-of every process and thread in the tree, whether it succeeds or not. Any AF_INET/AF_INET6
-connect() to an address other than loopback fails the test. The processes get an environment
+``appliance stop`` each run under ``strace -f -e trace=connect,sendto,sendmsg,sendmmsg``, which
+records every connect() of every process and thread in the tree, whether it succeeds or not, and
+every datagram sent to an address given with the send itself (UDP without connect()). Any
+AF_INET/AF_INET6 destination other than loopback fails the test. The processes get an environment
 without the offline variables: the appliance must switch telemetry and hub access off itself.
 
 The detector is shown to catch real attempts: the same harness runs Hugging Face hub and vLLM
-usage-stats code with telemetry switched back on, and must flag them. Their endpoints are
-documentation addresses (TEST-NET-2, 2001:db8::/32), so the attempt happens without a DNS
-lookup and fails harmlessly on any network.
+usage-stats code with telemetry switched back on, and a bare UDP sendto(), and must flag them.
+Their endpoints are documentation addresses (TEST-NET-1/2, 2001:db8::/32), so the attempt happens
+without a DNS lookup and fails harmlessly on any network.
 
-Not covered: UDP datagrams sent with sendto() to an address without connect(), and lookups a
-local stub resolver makes on a process's behalf.
+Not covered: lookups a local stub resolver (a separate daemon) makes on a process's behalf, and
+raw or packet sockets.
 """
 
 from __future__ import annotations
@@ -42,15 +43,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # connect(3, {sa_family=AF_INET, sin_port=htons(443), sin_addr=inet_addr("1.2.3.4")}, 16) = ...
 # connect(3, {sa_family=AF_INET6, sin6_port=htons(80), ..., inet_pton(AF_INET6, "::1", &sin6_addr), ...
-_CONNECT = re.compile(r"^(?P<pid>\d+)\s+connect\(\d+, \{sa_family=(?P<family>AF_\w+)(?P<rest>.*)$")
+# sendto(3, "x", 1, 0, {sa_family=AF_INET, sin_port=htons(9), ...}, 16) = 1   (NULL when connected)
+# sendmsg(3, {msg_name={sa_family=AF_INET, ...}, msg_namelen=16, msg_iov=...}, 0) = 1
+_TRACED_CALLS = "connect,sendto,sendmsg,sendmmsg"
+_CALL = re.compile(r"^(?P<pid>\d+)\s+(?P<call>connect|sendto|sendmsg|sendmmsg)\((?P<args>.*)$")
+# A sockaddr as strace prints it; none of the IP families' fields holds a brace.
+_SOCKADDR = re.compile(r"\{sa_family=(?P<family>AF_\w+)(?P<rest>[^{}]*)\}?")
 _PORT = re.compile(r"sin6?_port=htons\((\d+)\)")
 _V4 = re.compile(r'sin_addr=inet_addr\("([^"]+)"\)')
 _V6 = re.compile(r'inet_pton\(AF_INET6, "([^"]+)"')
 
 
 @dataclass(frozen=True)
-class Connect:
+class Attempt:
+    """One destination a process handed the kernel: a connect(), or a send with an address."""
+
     pid: int
+    call: str
     family: str
     host: str  # the IP address, or the socket path / "" for other families
     port: int | None
@@ -58,8 +67,8 @@ class Connect:
 
     @property
     def outbound(self) -> bool:
-        """An IP connect that leaves the box: anything but loopback (and the unspecified address,
-        which Linux connects to the local host)."""
+        """An IP destination off the box: anything but loopback (and the unspecified address,
+        which Linux takes for the local host)."""
         if self.family not in ("AF_INET", "AF_INET6"):
             return False  # AF_UNIX, AF_NETLINK, AF_UNSPEC (a UDP "disconnect"): local by nature
         address = ipaddress.ip_address(self.host)
@@ -68,46 +77,61 @@ class Connect:
         return not (address.is_loopback or address.is_unspecified)
 
 
-def parse_connects(log: str) -> list[Connect]:
-    """Every connect() in an ``strace -f`` log, completed or cut short (``<unfinished ...>``)."""
+def parse_attempts(log: str) -> list[Attempt]:
+    """Every destination in an ``strace -f`` log, completed or cut short (``<unfinished ...>``):
+    each connect(), and each sendto/sendmsg/sendmmsg address (a send on a connected socket names
+    none; its connect() is already recorded)."""
     found = []
     for line in log.splitlines():
-        match = _CONNECT.match(line)
+        match = _CALL.match(line)
         if match is None:
             continue
-        rest = match["rest"]
-        host = next((m[1] for m in (_V4.search(rest), _V6.search(rest)) if m), "")
-        if match["family"] in ("AF_INET", "AF_INET6") and not host:
-            raise AssertionError(f"unparsed IP connect in the strace log: {line}")
-        port = _PORT.search(rest)
-        found.append(Connect(int(match["pid"]), match["family"], host, int(port[1]) if port else None, line))
+        for address in _SOCKADDR.finditer(match["args"]):
+            rest = address["rest"]
+            host = next((m[1] for m in (_V4.search(rest), _V6.search(rest)) if m), "")
+            if address["family"] in ("AF_INET", "AF_INET6") and not host:
+                raise AssertionError(f"unparsed IP address in the strace log: {line}")
+            port = _PORT.search(rest)
+            found.append(
+                Attempt(
+                    int(match["pid"]),
+                    match["call"],
+                    address["family"],
+                    host,
+                    int(port[1]) if port else None,
+                    line,
+                )
+            )
     return found
 
 
 def outbound(logs: list[Path]) -> list[str]:
-    return [c.line for log in logs for c in parse_connects(log.read_text(errors="replace")) if c.outbound]
+    return [c.line for log in logs for c in parse_attempts(log.read_text(errors="replace")) if c.outbound]
 
 
 @pytest.fixture(scope="session")
 def strace() -> str:
     """strace, installed with apt-get when missing and the tests run as root."""
     found = ensure_tool("strace")
-    probe = subprocess.run([found, "-f", "-qq", "-e", "trace=connect", "true"], capture_output=True)
+    probe = subprocess.run([found, "-f", "-qq", "-e", f"trace={_TRACED_CALLS}", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"strace cannot trace here (ptrace refused?): {probe.stderr.decode().strip()}")
     return found
 
 
 def traced(strace: str, log: Path, argv: list[str]) -> list[str]:
-    """``argv`` under strace: every connect() of the process tree, threads included, into ``log``.
-    seccomp-bpf stops the tracees only at connect(), so tracing costs next to nothing."""
+    """``argv`` under strace: every connect() and addressed send of the process tree, threads
+    included, into ``log``. seccomp-bpf stops the tracees only at those calls; ``-s 0`` keeps the
+    sent data out of the log."""
     return [
         strace,
         "-f",
         "--seccomp-bpf",
         "-qq",
+        "-s",
+        "0",
         "-e",
-        "trace=connect",
+        f"trace={_TRACED_CALLS}",
         "-e",
         "signal=none",
         "-o",
@@ -164,7 +188,36 @@ def test_the_detector_flags_telemetry_that_is_switched_on(strace: str, tmp_path:
     assert any(address in line for line in flagged), flagged
 
 
-def test_parse_connects_reads_every_family() -> None:
+# A datagram sent without connect(): the address travels with the send itself. TEST-NET-1 and
+# 2001:db8::/32 are documentation ranges; the kernel may refuse the send (no route), which is fine:
+# strace records the attempt either way.
+DATAGRAMS = {
+    "sendto-v4": "sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "sock.sendto(b'probe', ('192.0.2.1', 9))\n",
+    "sendmsg-v4": "sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "sock.sendmsg([b'probe'], [], 0, ('192.0.2.1', 9))\n",
+    "sendto-v6": "sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+    "sock.sendto(b'probe', ('2001:db8::1', 9))\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATAGRAMS))
+def test_the_detector_flags_a_datagram_sent_without_connect(strace: str, tmp_path: Path, case: str) -> None:
+    code = "import socket\ntry:\n" + "".join(f"    {line}\n" for line in DATAGRAMS[case].splitlines())
+    code += "except OSError as exc:\n    print('refused', exc)\n"
+    log = tmp_path / "send.log"
+    done = subprocess.run(
+        traced(strace, log, [sys.executable, "-c", code]), env=clean_env(tmp_path), capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    attempts = parse_attempts(log.read_text())
+    assert not any(a.call == "connect" and a.outbound for a in attempts), attempts  # no connect() at all
+    flagged = outbound([log])
+    address = "2001:db8::1" if case.endswith("v6") else "192.0.2.1"
+    assert any(address in line and case.split("-")[0] in line for line in flagged), log.read_text()[-2000:]
+
+
+def test_parse_attempts_reads_every_family_and_addressed_sends() -> None:
     log = "\n".join(
         [
             '10 connect(3, {sa_family=AF_UNIX, sun_path="/tmp/ray/session/sockets/raylet"}, 110) = 0',
@@ -179,9 +232,20 @@ def test_parse_connects_reads_every_family() -> None:
             "15 connect(8, {sa_family=AF_NETLINK, nl_pid=0, nl_groups=00000000}, 12) = 0",
             '16 connect(9, {sa_family=AF_UNSPEC, sa_data="\\0\\0"}, 16) = 0',
             "17 <... connect resumed>) = -1 ETIMEDOUT",
+            '18 sendto(10, ""..., 5, MSG_NOSIGNAL, NULL, 0) = 5',
+            '19 sendto(11, ""..., 5, 0, {sa_family=AF_INET, sin_port=htons(123), '
+            'sin_addr=inet_addr("192.0.2.123")}, 16) = 5',
+            "20 sendmsg(12, {msg_name={sa_family=AF_INET6, sin6_port=htons(53), sin6_flowinfo=htonl(0), "
+            'inet_pton(AF_INET6, "2001:db8::53", &sin6_addr), sin6_scope_id=0}, msg_namelen=28, '
+            'msg_iov=[{iov_base=""..., iov_len=5}], msg_iovlen=1, msg_controllen=0, msg_flags=0}, 0) = 5',
+            '21 sendmsg(13, {msg_name=NULL, msg_namelen=0, msg_iov=[{iov_base=""..., iov_len=5}], '
+            "msg_iovlen=1, msg_controllen=0, msg_flags=0}, MSG_NOSIGNAL) = 5",
+            '22 sendto(14, ""..., 20, 0, {sa_family=AF_NETLINK, nl_pid=0, nl_groups=00000000}, 12) = 20',
+            '23 sendto(15, ""..., 5, 0, {sa_family=AF_INET, sin_port=htons(53), '
+            'sin_addr=inet_addr("127.0.0.53")}, 16) = 5',
         ]
     )
-    found = parse_connects(log)
+    found = parse_attempts(log)
     assert [c.family for c in found] == [
         "AF_UNIX",
         "AF_INET",
@@ -190,8 +254,17 @@ def test_parse_connects_reads_every_family() -> None:
         "AF_INET6",
         "AF_NETLINK",
         "AF_UNSPEC",
+        "AF_INET",
+        "AF_INET6",
+        "AF_NETLINK",
+        "AF_INET",
     ]
-    assert [(c.host, c.port) for c in found if c.outbound] == [("10.255.255.53", 53), ("2606:4700::1", 443)]
+    assert [(c.call, c.host, c.port) for c in found if c.outbound] == [
+        ("connect", "10.255.255.53", 53),
+        ("connect", "2606:4700::1", 443),
+        ("sendto", "192.0.2.123", 123),
+        ("sendmsg", "2001:db8::53", 53),
+    ]
 
 
 # ------------------------------------------------------------------------------- full session
@@ -328,7 +401,7 @@ def test_a_full_session_makes_no_outbound_connection(strace: str, session_home: 
     server: subprocess.Popen[bytes] = serving["process"]  # type: ignore[assignment]
     server.wait(timeout=300)  # strace exits once every process of the tree has ended
 
-    connects = [c for log in logs for c in parse_connects(log.read_text(errors="replace"))]
+    connects = [c for log in logs for c in parse_attempts(log.read_text(errors="replace"))]
     port = int(info["port"])  # type: ignore[call-overload]
     # the harness saw the session's own traffic: clients reached the server on loopback
     assert any(c.family in ("AF_INET", "AF_INET6") and c.port == port and not c.outbound for c in connects)
