@@ -1,7 +1,7 @@
 """Fine-tuning the encoder for span extraction: token classification over BIO tags.
 
 The classifier fine-tune's machinery (:mod:`appliance.factory.finetune`) runs it: the same time
-budget and plan fitting, progress bar, validation split, early stopping on the best validation
+budget and re-planning, progress bar, validation split, early stopping on the best validation
 score and atomic checkpoints with resume. Only the model's output (a linear layer over every word
 piece's state), the loss (cross-entropy over text pieces) and the validation score (held-out span
 micro F1) differ. As for classifiers, the pipeline then exports the tuned encoder and fits the
@@ -35,6 +35,7 @@ from appliance.factory.finetune import (
     Settings,
     Trainer,
     Tuner,
+    initial_plan,
     run_key,
     validation_split,
 )
@@ -135,25 +136,23 @@ def finetune_token_encoder(
     )
     tensors = Data([e.ids for e in encoded], y, train_idx, val_idx)
     batches = Batches(settings, tensors, spec.seed)
-    planned = settings.epochs * batches.steps_per_epoch
-    if spec.max_steps is not None:
-        planned = max(1, min(planned, spec.max_steps))
+    plan = initial_plan(settings, batches.steps_per_epoch, spec.max_steps)
     examples = [
         json.dumps([e.text, [[s.label, s.start, s.end] for s in e.spans], list(e.requested_slots)])
         for e in data.examples
     ]
     key = run_key(base, examples, y, len(tags), window, "token-bio", spec.seed, spec.max_steps)
     ckpt = Path(spec.checkpoint_dir) / f"extract-{key[:16]}.pt" if spec.checkpoint_dir else None
-    trainer = TokenTrainer(model, settings, tensors, batches, planned, ckpt, key, progress)
+    trainer = TokenTrainer(model, settings, tensors, batches, plan, ckpt, key, progress)
     trainer.setup(targets, encoded, data)
     resumed_from = None
     if ckpt is not None and ckpt.is_file():
         trainer.load()
         resumed_from = trainer.state.step
-        progress(f"resuming fine-tuning from {ckpt} at step {resumed_from} of {trainer.plan['total']}")
+        progress(f"resuming fine-tuning from {ckpt} at step {resumed_from} of {trainer.plan.total}")
     progress(
         f"fine-tuning (token BIO) on {len(train_idx)} texts, validating on {len(val_idx)}: "
-        f"{trainer.plan['total']} steps planned, {batches.steps_per_epoch} per epoch, "
+        f"{trainer.plan.total} steps planned, {batches.steps_per_epoch} per epoch, "
         f"budget {spec.max_minutes:g} min"
     )
     if not trainer.state.done:
@@ -170,9 +169,7 @@ def finetune_token_encoder(
         "settings": asdict(settings),
         "train_texts": len(train_idx),
         "val_texts": len(val_idx),
-        "steps_per_epoch": batches.steps_per_epoch,
-        "planned_steps": trainer.plan["total"],
-        "plan_fitted_to_budget": trainer.plan["fitted"],
+        **trainer.plan_summary(),
         "resumed_from_step": resumed_from,
         "step": state.step,
         "best_step": state.best_step,

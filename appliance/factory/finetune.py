@@ -17,9 +17,11 @@ when ``spec.max_minutes`` is spent. With ``spec.checkpoint_dir``, every evaluati
 checkpoint atomically (weights, optimizer, schedule, step, best weights, RNG state); a later run on
 the same data, base, seed and strategy resumes from it.
 
-Runs are deterministic for a given seed while the budget holds the whole plan. When it does not,
-the plan (and so the learning-rate decay) is shortened once, after a few timed steps, to fit what
-is left of the budget; the shortened plan is saved with the checkpoint and reported.
+The plan (and so the learning-rate decay) follows the measured speed: :mod:`.schedule` re-fits it
+every few hundred steps and at each epoch end, so the run ends near its budget, shrinking under load
+and growing past the recipe's epochs (up to ``MAX_EPOCHS``) when time allows. ``max_steps`` fixes
+the plan (never grown), so a short run is deterministic for a given seed while the budget holds it.
+The plan is saved with the checkpoint; the summary reports epochs reached and re-fits.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from torch import nn
 from appliance.artifact.maths import truncate
 from appliance.artifact.torch_maths import l2_normalize, masked_mean_pool
 from appliance.errors import InvalidArgument
+from appliance.factory.schedule import Plan, Planner, lr_factor, warmup_steps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -55,8 +58,9 @@ STRATEGIES = ("auto", "classifier", "contrastive")
 FEW_SHOT_PER_LABEL = 16
 VAL_FRACTION = 0.1
 CHECKPOINT_FORMAT = 1
-# Steps timed before the plan is fitted to the budget.
-CALIBRATION_STEPS = 8
+# The most epochs a plan grows to when the budget allows more than the recipe's (early stopping
+# usually ends the run first).
+MAX_EPOCHS = 30
 # Shuffle, cut into chunks of this many batches, sort each chunk by length: batches are near-uniform
 # in length (padding is the main CPU cost) while their order stays random.
 BUCKET_BATCHES = 50
@@ -176,23 +180,21 @@ def finetune_encoder(
     model = Tuner(encoder, n_classes if chosen == "classifier" else 0, settings.scale, tokens.pad_id)
     data = Data(tokens.encode(texts), y, train_idx, val_idx)
     batches = Batches(settings, data, spec.seed)
-    planned = settings.epochs * batches.steps_per_epoch
-    if max_steps is not None:
-        planned = max(1, min(planned, max_steps))
+    plan = initial_plan(settings, batches.steps_per_epoch, max_steps)
     key = run_key(base, texts, y, n_classes, window, chosen, spec.seed, max_steps)
     ckpt = Path(spec.checkpoint_dir) / f"finetune-{key[:16]}.pt" if spec.checkpoint_dir else None
-    trainer = Trainer(model, settings, data, batches, planned, ckpt, key, progress)
+    trainer = Trainer(model, settings, data, batches, plan, ckpt, key, progress)
 
     resumed_from = None
     if ckpt is not None and ckpt.is_file():
         trainer.load()
         resumed_from = trainer.state.step
-        progress(f"resuming fine-tuning from {ckpt} at step {resumed_from} of {trainer.plan['total']}")
+        progress(f"resuming fine-tuning from {ckpt} at step {resumed_from} of {trainer.plan.total}")
     elif chosen == "classifier":
         model.init_centroids(data, spec.seed)
     progress(
         f"fine-tuning ({chosen}) on {len(train_idx)} texts, validating on {len(val_idx)}: "
-        f"{trainer.plan['total']} steps planned, {batches.steps_per_epoch} per epoch, "
+        f"{trainer.plan.total} steps planned, {batches.steps_per_epoch} per epoch, "
         f"budget {spec.max_minutes:g} min"
     )
     if not trainer.state.done:
@@ -209,9 +211,7 @@ def finetune_encoder(
         "settings": asdict(settings),
         "train_texts": len(train_idx),
         "val_texts": len(val_idx),
-        "steps_per_epoch": batches.steps_per_epoch,
-        "planned_steps": trainer.plan["total"],
-        "plan_fitted_to_budget": trainer.plan["fitted"],
+        **trainer.plan_summary(),
         "resumed_from_step": resumed_from,
         "step": state.step,
         "best_step": state.best_step,
@@ -395,7 +395,7 @@ class Trainer:
         settings: Settings,
         data: Data,
         batches: Batches,
-        planned_steps: int,
+        plan: Plan,
         checkpoint: Path | None,
         key: str,
         progress: Progress,
@@ -403,12 +403,8 @@ class Trainer:
         self.model, self.settings, self.data, self.batches = model, settings, data, batches
         self.checkpoint, self.key, self.progress = checkpoint, key, progress
         self.optimizer = make_optimizer(model, settings)
-        # Mutable: the schedule reads it on every step, and fit_plan may shorten it once.
-        self.plan: dict[str, Any] = {
-            "total": planned_steps,
-            "warmup": warmup_steps(settings, planned_steps),
-            "fitted": False,
-        }
+        # Mutable: the schedule reads it on every step, and the planner re-fits it during the run.
+        self.plan = plan
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.plan))
         self.state = TrainState()
         self.eval_every = max(
@@ -420,10 +416,10 @@ class Trainer:
         from tqdm import tqdm  # type: ignore[import-untyped]  # types-tqdm is not installed
 
         state, plan, per_epoch = self.state, self.plan, self.batches.steps_per_epoch
-        first_step, loop_started = state.step, time.monotonic()
+        planner = Planner(plan, deadline, state.step, time.monotonic())
         epoch, order = -1, []
         bar = tqdm(
-            total=plan["total"],
+            total=plan.total,
             initial=state.step,
             desc="fine-tune",
             unit="step",
@@ -441,23 +437,30 @@ class Trainer:
         self.model.train()
         try:
             while True:
-                if state.step >= plan["total"]:
+                if state.step >= plan.total:
                     state.stop_reason = "plan complete"
                     break
                 # Every run makes at least one step, so a resumed run with a tiny budget advances.
-                if state.step > first_step and time.monotonic() >= deadline:
+                if state.step > planner.first_step and time.monotonic() >= deadline:
                     state.stop_reason = "time budget spent"
                     break
                 if state.step // per_epoch != epoch:
                     epoch = state.step // per_epoch
                     order = self.batches.epoch(epoch)
                 self.train_step(order[state.step % per_epoch])
+                now = time.monotonic()
+                refit = planner.after_step(state.step, now, epoch_end=state.step % per_epoch == 0)
+                if refit:
+                    self.progress(refit)
+                    bar.total = plan.total
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.recent_loss():.3f}", val=f"{max(state.best_score, 0.0):.3f}")
-                if not plan["fitted"] and state.step - first_step == CALIBRATION_STEPS:
-                    self.fit_plan((time.monotonic() - loop_started) / CALIBRATION_STEPS, deadline)
-                    bar.total = plan["total"]
-                if state.step % self.eval_every == 0 and state.step < plan["total"] and self.evaluate():
+                end = time.localtime(time.time() + planner.projected_end(state.step, now) - now)
+                bar.set_postfix(
+                    loss=f"{self.recent_loss():.3f}",
+                    val=f"{max(state.best_score, 0.0):.3f}",
+                    end=time.strftime("%H:%M:%S", end),
+                )
+                if state.step % self.eval_every == 0 and state.step < plan.total and self.evaluate():
                     break
             if not state.history or state.history[-1]["step"] != state.step:
                 self.evaluate()
@@ -489,18 +492,15 @@ class Trainer:
     def recent_loss(self) -> float:
         return float(np.mean(self.losses[-LOSS_WINDOW:])) if self.losses else float("nan")
 
-    def fit_plan(self, seconds_per_step: float, deadline: float) -> None:
-        """Shorten the plan once, so that the learning rate decays to zero inside the budget."""
-        self.plan["fitted"] = True
-        # Evaluations and checkpoints take the rest: keep a tenth of what is left for them.
-        affordable = self.state.step + int(0.9 * (deadline - time.monotonic()) / seconds_per_step)
-        if affordable < self.plan["total"]:
-            self.progress(
-                f"at {seconds_per_step:.2f} s/step the budget holds about {affordable} of "
-                f"{self.plan['total']} planned steps: the schedule is shortened to fit"
-            )
-            self.plan["total"] = max(self.state.step + 1, affordable)
-            self.plan["warmup"] = min(self.plan["warmup"], warmup_steps(self.settings, self.plan["total"]))
+    def plan_summary(self) -> dict[str, Any]:
+        """What the manifest reports about the plan: its end, its re-fits and the epochs reached."""
+        return {
+            "steps_per_epoch": self.batches.steps_per_epoch,
+            "planned_steps": self.plan.total,
+            "plan_fitted_to_budget": self.plan.fitted,
+            "replans": self.plan.replans,
+            "epochs_reached": round(self.state.step / self.batches.steps_per_epoch, 2),
+        }
 
     def val_accuracy(self) -> float:
         """Classifier: its own predictions. Contrastive: the nearest training-class centroid."""
@@ -532,7 +532,7 @@ class Trainer:
         else:
             state.bad_evals += 1
         self.progress(
-            f"step {state.step}/{self.plan['total']}: train loss {loss:.4f}, validation accuracy {score:.4f}"
+            f"step {state.step}/{self.plan.total}: train loss {loss:.4f}, validation accuracy {score:.4f}"
         )
         stop = state.bad_evals >= self.settings.patience
         if stop:
@@ -554,7 +554,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "plan": dict(self.plan),
+            "plan": self.plan.to_dict(),
             "state": {k: v for k, v in asdict(self.state).items() if k != "best_encoder"},
             "best_encoder": self.state.best_encoder,
             "torch_rng": torch.get_rng_state(),
@@ -578,7 +578,7 @@ class Trainer:
             )
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.plan.update(payload["plan"])
+        self.plan = Plan.from_dict(payload["plan"])
         self.scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["torch_rng"])
         self.state = TrainState(**payload["state"])
@@ -601,16 +601,13 @@ def make_optimizer(model: Tuner, settings: Settings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups)
 
 
-def warmup_steps(settings: Settings, total: int) -> int:
-    return max(1, round(settings.warmup_fraction * total))
-
-
-def lr_factor(step: int, plan: dict[str, Any]) -> float:
-    """Linear warm-up to the peak, then linear decay to zero at the end of the plan."""
-    total, warmup = int(plan["total"]), int(plan["warmup"])
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+def initial_plan(settings: Settings, steps_per_epoch: int, max_steps: int | None) -> Plan:
+    """The recipe's epochs; the planner may grow it to ``MAX_EPOCHS`` unless ``max_steps`` fixes it."""
+    total = settings.epochs * steps_per_epoch
+    cap = max(settings.epochs, MAX_EPOCHS) * steps_per_epoch
+    if max_steps is not None:
+        total = cap = max(1, min(total, max_steps))
+    return Plan(total=total, warmup=warmup_steps(settings.warmup_fraction, total), cap=cap)
 
 
 def run_key(
