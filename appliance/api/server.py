@@ -32,6 +32,7 @@ from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition
 from appliance.network import is_loopback
 from appliance.security.audit import AuditLog, AuditSettings
+from appliance.security.interceptor import DEFAULT_MAX_CALLS_PER_TOKEN, AuthAuditInterceptor, open_prefixes
 from appliance.security.revocation import RevocationList
 from appliance.security.tls import ExpiryWatch, server_credentials
 from appliance.serve.metrics import ServingMetrics
@@ -62,6 +63,8 @@ class ServerSettings:
     # Calls in progress at once (health checks included); one more is RESOURCE_EXHAUSTED at once,
     # which bounds the memory that queued requests of up to max_message_bytes can hold.
     max_concurrent_rpcs: int = 1024
+    # Calls in progress at once per token: one client cannot take all of max_concurrent_rpcs.
+    max_calls_per_token: int = DEFAULT_MAX_CALLS_PER_TOKEN
     grace_seconds: float = 5.0
     audit: AuditSettings = field(default_factory=AuditSettings)  # rotation, retention, free space
     cert_warn_days: float = 30.0  # warn this long before the server certificate or the CA expires
@@ -90,6 +93,7 @@ class ApplianceServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._audit: AuditLog | None = None
+        self.auth: AuthAuditInterceptor | None = None  # None: auth is off
         self._watch: asyncio.Task[None] | None = None
         self._expiry: ExpiryWatch | None = None  # TLS only
 
@@ -104,7 +108,6 @@ class ApplianceServer:
                 )
             return []
         from appliance.security.audit import stream_dir
-        from appliance.security.interceptor import AuthAuditInterceptor, open_prefixes
         from appliance.security.tokens import TokenStore
 
         self._audit = AuditLog(stream_dir(), self.settings.audit)
@@ -113,15 +116,15 @@ class ApplianceServer:
             health=self.settings.open_health,
             reflection=self.settings.open_reflection,
         )
-        return [
-            AuthAuditInterceptor(
-                TokenStore(),
-                self._audit,
-                open_methods=opened,
-                audit_texts=self.settings.audit_texts,
-                revocations=self._revocations(),
-            )
-        ]
+        self.auth = AuthAuditInterceptor(
+            TokenStore(),
+            self._audit,
+            open_methods=opened,
+            audit_texts=self.settings.audit_texts,
+            revocations=self._revocations(),
+            max_calls_per_token=self.settings.max_calls_per_token,
+        )
+        return [self.auth]
 
     def _revocations(self) -> RevocationList | None:
         """Client certificates exist only over TLS; the CRL sits next to the CA."""

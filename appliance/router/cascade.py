@@ -8,8 +8,12 @@ Rules, under the effective policy (:mod:`appliance.router.policy`):
   threshold, the generalist otherwise.
 
 Escalated texts of one call go to the generalist concurrently, at most ``max_concurrency`` at a
-time across all calls. Every generalist answer is recorded in the escalation store, durably,
-before :meth:`Cascade.decide` returns, together with one decision row per text.
+time across all calls. At most ``max_waiting`` texts wait for the generalist at once (in a slot
+or queued for one): a call whose escalations would pass that bound is refused RESOURCE_EXHAUSTED
+before any is sent, or, when the caller allows a fallback, the specialist answers them, counted as
+fallbacks, so that a burst cannot pile up unbounded work behind the LLM. Every generalist answer
+is recorded in the escalation store, durably, before :meth:`Cascade.decide` returns, together
+with one decision row per text.
 
 When the policy needs the generalist and there is none (or it cannot take this model's label
 set), the call fails with FAILED_PRECONDITION, unless the caller allows a fallback: then the
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from appliance.engines.generalist_api import Generalist, ZeroShotResult
-from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument
+from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from appliance.router.cost import CostModel, generalist_units, price_generalist, share
 from appliance.router.escalations import DecisionRecord, EscalationRecord, EscalationStore
 from appliance.router.metrics import RouterMetrics
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_MAX_WAITING = 256  # texts waiting for the generalist at once, all calls together
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,12 @@ class Cascade:
         cost: CostModel,
         metrics: RouterMetrics | None = None,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_waiting: int = DEFAULT_MAX_WAITING,
     ) -> None:
         if max_concurrency < 1:
             raise InvalidArgument(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if max_waiting < 1:
+            raise InvalidArgument(f"max_waiting must be at least 1, got {max_waiting}")
         self.generalist = generalist
         self.escalations = escalations
         self.cost = cost
@@ -106,6 +114,8 @@ class Cascade:
         if generalist is not None:
             generalist_units(cost, generalist.placement)  # a placement the cost model cannot price fails now
         self._slots = asyncio.Semaphore(max_concurrency)
+        self.max_waiting = max_waiting
+        self.waiting = 0  # texts of calls in _ask now; only the event loop touches it
         # Models whose label set the generalist cannot take, with the reason (set at load).
         self._unfit: dict[tuple[str, int], str] = {}
         self._pending: list[DecisionRecord] = []
@@ -190,7 +200,16 @@ class Cascade:
             if reason is None:
                 if (problem := self.escalations.problem) is not None:
                     raise FailedPrecondition(problem)  # before the generalist spends time on them
-                asked = await self._ask(ref, texts, wanted)
+                if self.waiting + len(wanted) <= self.max_waiting:
+                    asked = await self._ask_counted(ref, texts, wanted)
+                elif allow_fallback:
+                    fallbacks = set(wanted)
+                else:
+                    raise ResourceExhausted(
+                        f"{self.waiting} texts are waiting for the generalist; {len(wanted)} more would "
+                        f"pass the limit of {self.max_waiting}; retry later, or allow the fallback to "
+                        "the specialist"
+                    )
             elif allow_fallback:
                 fallbacks = set(wanted)
             else:
@@ -272,6 +291,16 @@ class Cascade:
         if self.metrics is not None:
             self.metrics.observe(ref.name, decisions, fallbacks=len(fallbacks))
         return decisions
+
+    async def _ask_counted(
+        self, ref: ModelRef, texts: Sequence[str], wanted: list[int]
+    ) -> dict[int, _Answered]:
+        """:meth:`_ask`, with its texts counted as waiting until it ends, however it ends."""
+        self.waiting += len(wanted)
+        try:
+            return await self._ask(ref, texts, wanted)
+        finally:
+            self.waiting -= len(wanted)
 
     async def _ask(self, ref: ModelRef, texts: Sequence[str], wanted: list[int]) -> dict[int, _Answered]:
         generalist = self.generalist

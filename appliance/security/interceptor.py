@@ -22,6 +22,10 @@ servicers' errors, through a wrapped context) writes the record first.
 A request that does not parse as its method's message is answered INVALID_ARGUMENT (after the
 token check) and audited like any other call, instead of failing inside grpc unrecorded.
 
+A token may have at most ``max_calls_per_token`` calls in progress at once (counted once a call
+is admitted, released on every way out, streaming included): one more is RESOURCE_EXHAUSTED at
+once and audited, so one busy or runaway client cannot take the whole server's call budget.
+
 Caller-controlled strings are clipped where they leave the process: model names and request ids
 in records, and status details (which often quote the bad input) in records and on the wire. A
 megabyte-long model name must neither bloat the trail nor push the status past grpc's trailer
@@ -41,7 +45,7 @@ from typing import Any
 
 import grpc
 
-from appliance.errors import ApplianceError, Status, context_code, status_of
+from appliance.errors import ApplianceError, InvalidArgument, Status, context_code, status_of
 from appliance.network import is_loopback
 from appliance.security.audit import AuditError, AuditLog
 from appliance.security.audit_chain import MAX_DETAILS_CHARS, MAX_FIELD_CHARS, clip
@@ -90,6 +94,8 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     # reflection describes the API, not any model: whoever may list models may discover it
     **{f"{prefix}ServerReflectionInfo": Rule("models:read") for prefix in REFLECTION_PREFIXES},
 }
+# calls in progress at once per token; ServerSettings.max_calls_per_token sets it for the server
+DEFAULT_MAX_CALLS_PER_TOKEN = 64
 # where a request carries the model name used for "classify:<model>" etc. and its request id
 _REQUEST_ID_FIELDS = ("request_id", "id")
 
@@ -126,6 +132,7 @@ class _Call:
     recorded: bool = False
     agent: str = ""
     unrecordable: bool = False  # refused because the trail cannot take records: none is written
+    holds_slot: bool = False  # counted among its token's calls in progress until it ends
 
 
 @dataclass(frozen=True)
@@ -188,9 +195,12 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         audit_texts: bool = False,
         durable: bool = True,
         revocations: RevocationList | None = None,
+        max_calls_per_token: int = DEFAULT_MAX_CALLS_PER_TOKEN,
     ) -> None:
         """``open_methods`` holds method names or prefixes (see :func:`open_prefixes`).
         ``durable=False`` sends answers without waiting for their audit record's fsync."""
+        if max_calls_per_token < 1:
+            raise InvalidArgument(f"max_calls_per_token must be at least 1, got {max_calls_per_token}")
         self.tokens = tokens
         self.audit = audit
         self.rules = dict(rules)
@@ -199,6 +209,9 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         self.durable = durable
         self.revocations = revocations  # None: client certificates are not checked for revocation
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self.max_calls_per_token = max_calls_per_token
+        # calls in progress per token name; only the server's event loop touches it
+        self._in_progress: dict[str, int] = {}
 
     async def intercept_service(
         self,
@@ -255,6 +268,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
                 await self._fail(call, exc, context)
                 raise
             finally:
+                self._release(call)
                 await self._record(call, context)
 
         return unary
@@ -277,6 +291,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
                 await self._fail(call, exc, context)
                 raise
             finally:
+                self._release(call)
                 await self._record(call, context)
 
         return stream
@@ -358,6 +373,32 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"token {principal.name!r} lacks scope {needed!r} for {call.method} ({model_field})",
                 )
+        self._take_slot(call, principal.name)
+
+    def _take_slot(self, call: _Call, token: str) -> None:
+        """Count an admitted call against its token, or refuse it when the token is at its limit."""
+        busy = self._in_progress.get(token, 0)
+        if busy >= self.max_calls_per_token:
+            raise _Denied(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"token {token!r} has {busy} calls in progress; the limit is {self.max_calls_per_token}",
+            )
+        self._in_progress[token] = busy + 1
+        call.holds_slot = True
+
+    def _release(self, call: _Call) -> None:
+        if not call.holds_slot or call.token is None:
+            return
+        call.holds_slot = False
+        left = self._in_progress.get(call.token, 0) - 1
+        if left > 0:
+            self._in_progress[call.token] = left
+        else:  # no entry for idle tokens: the table holds only tokens with calls in progress
+            self._in_progress.pop(call.token, None)
+
+    def calls_in_progress(self, token: str) -> int:
+        """How many admitted calls of ``token`` have not ended yet."""
+        return self._in_progress.get(token, 0)
 
     def _check_revocation(self, context: grpc.aio.ServicerContext) -> None:
         """A revoked client certificate is refused on every method, open ones included."""

@@ -27,8 +27,9 @@ from ray.serve.handle import DeploymentHandle
 from appliance.batching import BatchSettings
 from appliance.config import OFFLINE_ENV, appliance_home, apply_offline_env
 from appliance.engines.generalist_args import GeneralistArgs
-from appliance.router.cascade import Cascade
+from appliance.router.cascade import DEFAULT_MAX_WAITING, Cascade
 from appliance.router.cost import CostModel
+from appliance.security.interceptor import DEFAULT_MAX_CALLS_PER_TOKEN
 from appliance.serve.generalist import GeneralistClient, generalist_app, placement_of
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class AppArgs(BaseModel):
     audit_texts: bool = False
     metrics_port: int | None = Field(9464, ge=0, le=65535)
     max_concurrent_rpcs: int = Field(1024, ge=1)  # per replica's gRPC server
+    # calls in progress at once per token, per replica's gRPC server
+    max_calls_per_token: int = Field(DEFAULT_MAX_CALLS_PER_TOKEN, ge=1)
     cert_warn_days: float = Field(30.0, ge=0)  # warn this long before the server certificate or CA expires
     limits: LimitsArgs = LimitsArgs()
     batch: BatchSettings = BatchSettings()
@@ -66,6 +69,8 @@ class AppArgs(BaseModel):
     max_loaded_models: int = Field(64, ge=1)
     ingress_cpus: float = Field(1.0, gt=0)
     generalist: GeneralistArgs | None = None
+    # texts waiting for the generalist at once, per replica; past it escalations are refused
+    max_waiting_escalations: int = Field(DEFAULT_MAX_WAITING, ge=1)
     price_per_hour: float = Field(2.0, ge=0)
     currency: str = "USD"
     store_escalation_texts: bool = False
@@ -134,6 +139,7 @@ class Ingress:
                 open_reflection=a.open_reflection,
                 audit_texts=a.audit_texts,
                 max_concurrent_rpcs=a.max_concurrent_rpcs,
+                max_calls_per_token=a.max_calls_per_token,
                 cert_warn_days=a.cert_warn_days,
             ),
             metrics=metrics,
@@ -196,7 +202,9 @@ def build_router(
     store = EscalationStore(
         home / "escalations" / "escalations.db", store_texts=args.store_escalation_texts, strict=False
     )
-    return Cascade(generalist, store, cost, RouterMetrics(metrics.registry))
+    return Cascade(
+        generalist, store, cost, RouterMetrics(metrics.registry), max_waiting=args.max_waiting_escalations
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -26,7 +26,8 @@ from appliance.errors import ApplianceError, InvalidArgument
 class ScriptedGeneralist(Generalist):
     """Answers ``script[text]`` (else the last label); raises ``fail_with`` for texts in ``failing``.
 
-    ``check_error``, when set, is what the label-set check raises for any label set.
+    ``check_error``, when set, is what the label-set check raises for any label set. ``gate``, when
+    set, holds every answer until the test sets it, so that calls stay waiting for the generalist.
     """
 
     script: dict[str, str] = field(default_factory=dict)
@@ -43,6 +44,7 @@ class ScriptedGeneralist(Generalist):
     checked: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
     in_flight: int = 0
     most_in_flight: int = 0
+    gate: asyncio.Event | None = None
 
     @property
     def ready(self) -> bool:
@@ -82,6 +84,8 @@ class ScriptedGeneralist(Generalist):
             # Yield a few times, as a real call would, so that concurrent calls overlap.
             for _ in range(3):
                 await asyncio.sleep(0)
+            if self.gate is not None:
+                await self.gate.wait()
             if text in self.failing and self.fail_with is not None:
                 raise self.fail_with
             return ZeroShotResult(
