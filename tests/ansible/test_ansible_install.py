@@ -243,6 +243,29 @@ def test_egress_policy_drops_outbound_but_not_loopback_or_peers(cluster: Cluster
                 proc.wait()
 
 
+def test_egress_policy_drops_udp_datagrams_but_not_to_loopback_or_peers(cluster: Cluster) -> None:
+    """UDP sent with sendto() and no connect() (a DNS or NTP query off the box) is dropped and
+    counted like TCP; datagrams to loopback and to a cluster peer still pass."""
+    head = cluster.targets["head"]
+    ports = (53, 123)
+    with _namespaces() as (box, net):
+        echoes = [_udp_echo(net, "0.0.0.0", ports), _udp_echo(box, "127.0.0.1", ports)]
+        try:
+            # Before the policy: every datagram is answered, so the checks below can fail.
+            assert all(_udp_answered(box, OUTSIDER, port) for port in ports)
+            _nft(box, head, "-f", "/etc/appliance/perimeter.nft")
+            before = _dropped(box, head, "egress_dropped")
+            for port in ports:
+                assert _udp_answered(box, "127.0.0.1", port)
+                assert _udp_answered(box, WORKER_ADDRESS, port)
+                assert not _udp_answered(box, OUTSIDER, port)
+            assert _dropped(box, head, "egress_dropped") - before >= len(ports)
+        finally:
+            for proc in echoes:
+                proc.kill()
+                proc.wait()
+
+
 def test_ingress_policy_keeps_ray_for_peers_and_grpc_for_clients(cluster: Cluster) -> None:
     """The head's rendered policy, loaded with its own nft: Ray's GCS port answers a cluster peer
     only, the gRPC port a client network (and peers), SSH everyone; the rest is dropped, counted."""
@@ -390,6 +413,33 @@ except OSError as exc:
 """
 
 
+UDP_ECHO = """
+import selectors, socket, sys
+selector = selectors.DefaultSelector()
+for port in sys.argv[2].split(","):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((sys.argv[1], int(port)))
+    selector.register(sock, selectors.EVENT_READ)
+print("ready", flush=True)
+while events := selector.select(timeout=120):  # bounded: it ends on its own if the test dies
+    for key, _ in events:
+        data, peer = key.fileobj.recvfrom(512)
+        key.fileobj.sendto(data, peer)
+"""
+
+# sendto() with the address and no connect(): the way a resolver or an NTP client sends.
+UDP_PROBE = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(1.5)
+try:
+    sock.sendto(b"probe", (sys.argv[1], int(sys.argv[2])))
+    print("answered" if sock.recvfrom(512)[0] == b"probe" else "garbled")
+except OSError as exc:
+    print("silent", exc)
+"""
+
+
 def _in_target(target: Path, *argv: str) -> str:
     return subprocess.run(["chroot", str(target), *argv], capture_output=True, text=True, check=True).stdout
 
@@ -461,6 +511,33 @@ def _connect(namespace: str, address: str, port: int = 7070, source: str | None 
         check=True,
     ).stdout
     return out.startswith("open")
+
+
+def _udp_echo(namespace: str, address: str, ports: tuple[int, ...]) -> subprocess.Popen[str]:
+    listed = ",".join(map(str, ports))
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", UDP_ECHO, address, listed],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _udp_answered(namespace: str, address: str, port: int) -> bool:
+    out = subprocess.run(
+        ["ip", "netns", "exec", namespace, sys.executable, "-c", UDP_PROBE, address, str(port)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return out.startswith("answered")
+
+
+def _dropped(namespace: str, target: Path, counter: str) -> int:
+    """Packets the policy's named counter has dropped so far."""
+    listing = _nft(namespace, target, "list", "counter", "inet", "appliance_perimeter", counter)
+    return int(re.search(r"packets (\d+)", listing).group(1))
 
 
 def _changed_tasks(output: str) -> str:
