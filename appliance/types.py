@@ -40,6 +40,9 @@ class SpecialistAnswer:
     truncated: bool
     core_seconds: float  # this text's share of its batch's core time
     latency_ms: float
+    # The model's out-of-scope label when the top probability is below its rejection threshold:
+    # the answer is that label, from the specialist, never escalated.
+    rejected_as: str | None = None
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,18 @@ class Calibration(_Part):
     text_coverage: float | None = None
 
 
+class OutOfScope(_Part):
+    """Rejection of texts that are none of the labels: a top probability below ``threshold`` is
+    answered ``label``. Calibrated on held-out in-scope and out-of-scope rows."""
+
+    label: str  # the training data's out-of-scope label (not a class of the head)
+    threshold: float
+    max_accuracy_loss_points: float  # the constraint the threshold was chosen under
+    in_scope_accuracy_loss_points: float  # what rejection cost the held-out in-scope rows
+    oos_recall: float  # held-out out-of-scope rows rejected
+    heldout_oos: int  # held-out out-of-scope rows it was calibrated on
+
+
 class Quantization(_Part):
     # What the two numbers measure: accuracy for classifiers, micro span F1 for extractors.
     metric: Literal["accuracy", "span_f1"] = "accuracy"
@@ -172,11 +184,14 @@ class SpecialistFields(_Part):
     lineage: Lineage | None = None
     extractor: ExtractorInfo | None = None  # kind span_extractor only
     self_check: SelfCheck | None = None  # classifiers published before self-checks have none
+    oos: OutOfScope | None = None  # classifiers trained with out-of-scope rows only
 
     @model_validator(mode="after")
     def _consistent(self) -> SpecialistFields:
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        if self.oos is not None and self.oos.label in self.labels:
+            raise ValueError(f"the out-of-scope label {self.oos.label!r} must not be a class")
         if (self.kind == "span_extractor") != (self.extractor is not None):
             raise ValueError("a span_extractor, and only one, carries the extractor fields")
         if self.extractor is not None and self.extractor.tagger.tags != tag_names(self.labels):

@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train.add_argument("--few-shot", type=int, metavar="K", help="keep K examples per label")
     train.add_argument("--checkpoint-dir", type=Path, help="finetune checkpoints (resumes if present)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--oos-label",
+        default="oos",
+        help="rows with this label are out of scope: not a class, they calibrate rejection (default: oos)",
+    )
     train.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     train.set_defaults(func=run_train)
 
@@ -110,6 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         finetune_strategy=args.strategy,
         seed=args.seed,
+        oos_label=args.oos_label,
     )
     try:
         result = train(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -183,7 +189,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from appliance.dataset import load_labelled
     from appliance.engines.specialist import load_specialist
-    from appliance.factory.evaluate import evaluate, precision_at
+    from appliance.factory.evaluate import evaluate, oos_scores, precision_at
+    from appliance.factory.pipeline import split_out
     from appliance.store import ModelStore
 
     try:
@@ -196,6 +203,10 @@ def run_eval(args: argparse.Namespace) -> int:
         data = load_labelled(args.data, text_column, label_column)
     except (ApplianceError, ValueError, OSError) as exc:
         return _fail(exc)
+    oos = model.spec.oos
+    oos_texts: list[str] = []
+    if oos is not None:
+        data, oos_texts = split_out(data, oos.label)
     index = {label: i for i, label in enumerate(model.labels)}
     unknown = sorted(set(data.labels) - set(index))
     if unknown:
@@ -203,6 +214,12 @@ def run_eval(args: argparse.Namespace) -> int:
     y = np.array([index[x] for x in data.labels])
     probs, truncated = model.probs(data.texts)
     report = evaluate(probs, y, model.labels)
+    rejection = {}
+    if oos is not None and oos_texts:
+        oos_probs, oos_truncated = model.probs(oos_texts)
+        truncated = [*truncated, *oos_truncated]
+        rejection = {"oos_label": oos.label, "oos_threshold": oos.threshold, "n_oos": len(oos_texts)}
+        rejection |= oos_scores(probs, y, oos_probs, oos.threshold)
     coverage, precision = precision_at(probs, y, model.threshold)
     result = {
         "model": f"{model.name}:{model.version}",
@@ -215,6 +232,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "precision_at_threshold": precision,
         "precision": model.precision,
         "truncated": int(sum(truncated)),
+        **rejection,
         "confused_pairs": report.confused_pairs[:5],
     }
     _emit(result, args.json)

@@ -139,3 +139,41 @@ def precision_at(probs: np.ndarray, y: np.ndarray, threshold: float) -> tuple[fl
     if not kept.any():
         return 0.0, float("nan")
     return float(kept.mean()), float((pred[kept] == y[kept]).mean())
+
+
+# -- out of scope ------------------------------------------------------------------------------------
+
+# The in-scope accuracy a rejection threshold may cost, in percentage points.
+OOS_MAX_LOSS_POINTS = 0.5
+
+
+def calibrate_rejection(
+    probs: np.ndarray, y: np.ndarray, oos_probs: np.ndarray, max_loss_points: float = OOS_MAX_LOSS_POINTS
+) -> tuple[float, float, float]:
+    """(threshold, in-scope accuracy loss in points, oos recall): the highest threshold on the top
+    probability (so the best out-of-scope recall) that rejects at most ``max_loss_points`` of the
+    in-scope rows the head gets right. ``probs``/``y``: in-scope rows; ``oos_probs``: out-of-scope."""
+    pred = probs.argmax(axis=1)
+    right = np.sort(probs[np.arange(len(pred)), pred][pred == y])
+    may_lose = int(np.floor(max_loss_points / 100.0 * len(y) + 1e-9))
+    # Rejection is ``top < threshold``: the (may_lose+1)-th smallest right answer's confidence
+    # rejects at most ``may_lose`` of them (fewer on ties).
+    threshold = float(right[may_lose]) if may_lose < len(right) else 1.0 + 1e-6
+    lost = float(np.sum(right < threshold)) / max(1, len(y))
+    recall = float((oos_probs.max(axis=1) < threshold).mean()) if len(oos_probs) else 0.0
+    return threshold, 100.0 * lost, recall
+
+
+def oos_scores(probs: np.ndarray, y: np.ndarray, oos_probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Out-of-scope recall and precision of rejection at ``threshold``, and the in-scope accuracy
+    with rejection (a rejected in-scope row counts as wrong). NaN precision when nothing is rejected."""
+    top = probs.max(axis=1)
+    in_rejected = top < threshold
+    oos_rejected = oos_probs.max(axis=1) < threshold
+    rejected = int(in_rejected.sum() + oos_rejected.sum())
+    right = (probs.argmax(axis=1) == y) & ~in_rejected
+    return {
+        "oos_recall": float(oos_rejected.mean()) if len(oos_probs) else float("nan"),
+        "oos_precision": float(oos_rejected.sum() / rejected) if rejected else float("nan"),
+        "in_scope_accuracy": float(right.mean()) if len(y) else float("nan"),
+    }

@@ -26,6 +26,7 @@ from appliance.artifact.manifest import (
     EncoderRef,
     HeadInfo,
     Lineage,
+    OutOfScope,
     Quantization,
     SelfCheck,
     SpecialistFields,
@@ -36,7 +37,7 @@ from appliance.artifact.selfcheck import MIN_AGREEMENT, SELF_CHECK_TEXTS, SelfCh
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
 from appliance.errors import InvalidArgument
 from appliance.factory import card
-from appliance.factory.evaluate import Report, evaluate
+from appliance.factory.evaluate import OOS_MAX_LOSS_POINTS, Report, calibrate_rejection, evaluate
 from appliance.factory.head import DEFAULT_C, fit_logistic
 from appliance.store import Manifest, ModelStore, folder_digest, hash_files
 
@@ -77,6 +78,8 @@ class TrainSpec:
     few_shot: int | None = None  # keep k examples per label (few-shot experiments)
     checkpoint_dir: Path | None = None
     label_descriptions: dict[str, str] = field(default_factory=dict)
+    # Rows with this label are not a class: they calibrate the rejection of out-of-scope texts.
+    oos_label: str = "oos"
 
 
 @dataclass
@@ -93,6 +96,7 @@ class TrainResult:
             "precision": self.manifest.spec.precision,
             **self.report.summary(),
             "quantization": self.manifest.spec.quantization.model_dump(),
+            "oos": self.manifest.spec.oos.model_dump() if self.manifest.spec.oos else None,
             "warnings": [w.message for w in self.warnings],
             "timings_s": self.timings,
         }
@@ -176,7 +180,7 @@ def _load_sets(
         train = dataset.few_shot(train, spec.few_shot, seed=spec.seed)
     if spec.eval_data is not None:
         heldout = dataset.load_labelled(spec.eval_data, spec.text_column, spec.label_column)
-        unknown = sorted(set(heldout.labels) - set(train.labels))
+        unknown = sorted(set(heldout.labels) - set(train.labels) - {spec.oos_label})
         if unknown:
             raise dataset.DataError(
                 spec.eval_data, None, f"evaluation labels absent from training data: {unknown[:5]}"
@@ -184,6 +188,20 @@ def _load_sets(
     else:
         train, heldout = dataset.stratified_split(train, spec.heldout_fraction, seed=spec.seed)
     return train, heldout, warnings
+
+
+def split_out(data: dataset.LabelledData, label: str) -> tuple[dataset.LabelledData, list[str]]:
+    """``data`` without the rows labelled ``label``, and those rows' texts."""
+    keep = [i for i, x in enumerate(data.labels) if x != label]
+    kept = dataset.LabelledData(
+        texts=[data.texts[i] for i in keep],
+        labels=[data.labels[i] for i in keep],
+        source=data.source,
+        locations=[data.locations[i] for i in keep],
+        location_kind=data.location_kind,
+        warnings=data.warnings,
+    )
+    return kept, [t for t, x in zip(data.texts, data.labels, strict=True) if x == label]
 
 
 def _self_check(
@@ -224,6 +242,10 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
     train_set, heldout, warnings = _load_sets(spec, progress)
     for w in warnings:
         progress(f"warning: {w.message}")
+    train_set, train_oos = split_out(train_set, spec.oos_label)
+    heldout, heldout_oos = split_out(heldout, spec.oos_label)
+    if train_oos and not heldout_oos:
+        progress(f"warning: no held-out {spec.oos_label!r} rows to calibrate rejection on: none calibrated")
     labels = train_set.label_names
     index = {label: i for i, label in enumerate(labels)}
     y_train = np.array([index[x] for x in train_set.labels])
@@ -283,6 +305,23 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
         heldout.texts, y_held, held_probs["fp32"], held_probs[precision], spec.seed
     )
     progress(f"held-out accuracy {report.accuracy:.4f} ({precision}); {quantization.reason}")
+    oos = None
+    if heldout_oos:
+        encoder = fp32 if precision == "fp32" else int8
+        oos_probs = head.probs(encoder.embed(heldout_oos)[0])
+        threshold, lost, recall = calibrate_rejection(held_probs[precision], y_held, oos_probs)
+        oos = OutOfScope(
+            label=spec.oos_label,
+            threshold=threshold,
+            max_accuracy_loss_points=OOS_MAX_LOSS_POINTS,
+            in_scope_accuracy_loss_points=lost,
+            oos_recall=recall,
+            heldout_oos=len(heldout_oos),
+        )
+        progress(
+            f"out-of-scope rejection below {threshold:.4f}: recall {recall:.3f} on {len(heldout_oos)} "
+            f"held-out {spec.oos_label!r} rows, in-scope accuracy {lost:.2f} points lower"
+        )
 
     train_fingerprint = dataset.fingerprint(train_set)
     published = store.versions(spec.name)
@@ -313,6 +352,7 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
             trained_from=TrainedFrom(fingerprint=str(train_fingerprint["sha256"]), source=spec.data.name),
         ),
         self_check=check_info,
+        oos=oos,
     )
     timings["total"] = time.perf_counter() - started
     with store.staging(spec.name) as stage:

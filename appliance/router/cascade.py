@@ -191,7 +191,10 @@ class Cascade:
         elif effective is Policy.GENERALIST_ONLY:
             wanted = list(range(len(texts)))
         else:
-            wanted = [i for i, a in enumerate(answers) if a.top[0][1] < ref.threshold]
+            # A text rejected as out of scope is answered so by the specialist: it is not escalated.
+            wanted = [
+                i for i, a in enumerate(answers) if a.rejected_as is None and a.top[0][1] < ref.threshold
+            ]
 
         fallbacks: set[int] = set()
         asked: dict[int, _Answered] = {}
@@ -224,6 +227,7 @@ class Cascade:
         decision_rows: list[DecisionRecord] = []
         for i, answer in enumerate(answers):
             label, confidence = answer.top[0]
+            label = answer.rejected_as or label
             route, escalation_id, latency_ms = Route.SPECIALIST, "", answer.latency_ms
             cost = self.cost.price(answer.core_seconds)
             got = asked.get(i)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from appliance.artifact.manifest import SpecialistManifest
+from appliance.artifact.manifest import OutOfScope, SpecialistManifest
 from appliance.artifact.maths import l2_normalize
 from appliance.artifact.spans import Encoded, Span
 from appliance.batching import BatchSettings
@@ -627,7 +627,8 @@ class ServingRuntime:
         started = time.perf_counter()
         spec = loaded.classifier
         results, truncation = await self._batched(spec, texts, _Row(loaded, k, want_probs), timeout)
-        return _answers(results, truncation, spec.labels, k, 1000.0 * (time.perf_counter() - started))
+        latency_ms = 1000.0 * (time.perf_counter() - started)
+        return _answers(results, truncation, spec.labels, k, latency_ms, spec.spec.oos)
 
     async def _decide(
         self,
@@ -699,7 +700,8 @@ class ServingRuntime:
             results, truncation = await extracting
         latency_ms = 1000.0 * (time.perf_counter() - started)
         if row is not None and answers is None:
-            answers = _answers(results, truncation, row.model.classifier.labels, row.k, latency_ms)
+            head = row.model.classifier
+            answers = _answers(results, truncation, head.labels, row.k, latency_ms, head.spec.oos)
         classified = None
         if classifier is not None and answers is not None:
             classified = await self._decide(classifier, texts, answers, policy, allow_fallback, request_id)
@@ -752,8 +754,10 @@ def _answers(
     labels: Sequence[str],
     k: int,
     latency_ms: float,
+    oos: OutOfScope | None,
 ) -> list[SpecialistAnswer]:
-    """Classify rows' results as the specialist's answers."""
+    """Classify rows' results as the specialist's answers, rejected as out of scope where the
+    model's rejection threshold says so."""
     answers = []
     for result, truncated in zip(results, truncation, strict=True):
         top = [
@@ -762,7 +766,8 @@ def _answers(
             if i >= 0
         ]
         probs = None if result.probs is None else result.probs[: len(labels)]
-        answers.append(SpecialistAnswer(top, probs, truncated, result.core_seconds, latency_ms))
+        rejected = oos.label if oos is not None and top and top[0][1] < oos.threshold else None
+        answers.append(SpecialistAnswer(top, probs, truncated, result.core_seconds, latency_ms, rejected))
     return answers
 
 
@@ -788,7 +793,7 @@ def tokenize_window(encoder: OnnxEncoder, texts: Sequence[str]) -> Tokenized:
 def _specialist_decision(answer: SpecialistAnswer) -> Decision:
     label, confidence = answer.top[0]
     return Decision(
-        label=label,
+        label=answer.rejected_as or label,
         confidence=confidence,
         top=answer.top,
         truncated=answer.truncated,

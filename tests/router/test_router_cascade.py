@@ -11,7 +11,7 @@ import math
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,3 +348,22 @@ def test_mismatched_answers_and_texts_are_an_internal_error(rig: Rig) -> None:
     cascade = rig.cascade(ScriptedGeneralist())
     with pytest.raises(ApplianceError, match="2 specialist answers for 1 texts"):
         asyncio.run(cascade.decide(model(), [answer(0.9), answer(0.9)], None, texts=["one"]))
+
+
+def test_a_text_rejected_as_out_of_scope_is_answered_by_the_specialist(rig: Rig) -> None:
+    generalist = ScriptedGeneralist()
+    cascade = rig.cascade(generalist)
+    answers = [replace(answer(0.3), rejected_as="oos"), answer(0.3), answer(0.95)]
+    texts = texts_for(3)
+
+    async def run() -> list[Decision]:
+        try:
+            return await cascade.decide(model(), answers, None, request_id="r1", texts=texts)
+        finally:
+            await cascade.close()
+
+    decisions = asyncio.run(run())
+    assert [d.route for d in decisions] == [Route.SPECIALIST, Route.GENERALIST, Route.SPECIALIST]
+    assert (decisions[0].label, decisions[0].confidence) == ("oos", 0.3)
+    assert decisions[2].label == "card_arrival"
+    assert generalist.calls == [texts[1]]
