@@ -78,20 +78,22 @@ class Limits(_message.Message):
     def __init__(self, max_texts_per_call: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_input_tokens: _Optional[int] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "texts", "top_k", "policy", "request_id", "allow_fallback")
+    __slots__ = ("model", "texts", "top_k", "policy", "request_id", "allow_fallback", "generalist")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ALLOW_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    GENERALIST_FIELD_NUMBER: _ClassVar[int]
     model: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     policy: Policy
     request_id: str
     allow_fallback: bool
-    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ..., request_id: _Optional[str] = ..., allow_fallback: _Optional[bool] = ...) -> None: ...
+    generalist: str
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ..., request_id: _Optional[str] = ..., allow_fallback: _Optional[bool] = ..., generalist: _Optional[str] = ...) -> None: ...
 
 class Classification(_message.Message):
     __slots__ = ("label", "confidence", "top", "truncated", "route", "latency_ms", "cost", "escalation_id", "fallback")
