@@ -51,13 +51,37 @@ from appliance.types import Cost
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REOPEN_INTERVAL_S = 5.0  # how often an unusable store tries to open its database again
+
+# Corrected labels (or spans) for decisions, from people, the review queue or a stronger model: the
+# retraining input. Shared by SCHEMA and the 1 -> 2 migration, which rebuilds the v1 table.
+CORRECTIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    escalation_id     TEXT REFERENCES escalations (id),  -- the escalation corrected, or NULL
+    decision_id       INTEGER,           -- decisions.id of the decision corrected, when known
+    request_id        TEXT NOT NULL,     -- the request that carried the text
+    model             TEXT NOT NULL,     -- the specialist whose decision is corrected
+    model_version     INTEGER NOT NULL,
+    corrected_label   TEXT,              -- the right label; NULL for a correction of spans
+    corrected_spans   TEXT,              -- JSON [{{label, start, end}}]; NULL for a label
+    source            TEXT NOT NULL,     -- who corrected: 'human:alice', 'review-queue', a model name
+    created_at        TEXT NOT NULL,     -- UTC, ISO 8601
+    created_epoch     REAL NOT NULL
+);
+"""
+CORRECTIONS_INDEXES = """
+CREATE INDEX IF NOT EXISTS corrections_by_escalation ON corrections (escalation_id);
+CREATE INDEX IF NOT EXISTS corrections_by_decision ON corrections (decision_id);
+CREATE INDEX IF NOT EXISTS corrections_by_model_time ON corrections (model, created_epoch);
+"""
 
 # The schema as it stands at SCHEMA_VERSION. SQLite keeps these comments in sqlite_master, so the
 # database documents itself. Times are stored twice: ISO 8601 UTC text for people, epoch seconds
 # for range queries.
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS escalations (
     id                         TEXT PRIMARY KEY,  -- uuid4, hex; the Decision's escalation_id
     created_at                 TEXT NOT NULL,     -- UTC, ISO 8601 with microseconds
@@ -80,23 +104,16 @@ CREATE TABLE IF NOT EXISTS escalations (
     cost_accelerator_seconds   REAL NOT NULL,
     price                      REAL NOT NULL,     -- in `currency`, at the box's hourly price
     currency                   TEXT NOT NULL,
-    request_id                 TEXT NOT NULL      -- the request that carried the text
+    request_id                 TEXT NOT NULL,     -- the request that carried the text
+    kind                       TEXT,              -- 'classify' | 'extract'; NULL in rows from v1
+    specialist_spans           TEXT,              -- extract: JSON [{label, start, end, ...}]
+    generalist_spans           TEXT               -- extract: the generalist's spans, same JSON
 );
 CREATE INDEX IF NOT EXISTS escalations_by_time ON escalations (created_epoch);
 CREATE INDEX IF NOT EXISTS escalations_by_model_time ON escalations (model, created_epoch);
 
--- Corrected labels for escalated texts, from people or a stronger model: the retraining input.
-CREATE TABLE IF NOT EXISTS corrections (
-    id                INTEGER PRIMARY KEY AUTOINCREMENT,
-    escalation_id     TEXT NOT NULL REFERENCES escalations (id),
-    corrected_label   TEXT NOT NULL,
-    source            TEXT NOT NULL,  -- who corrected: 'human:alice', 'review-queue', a model name
-    created_at        TEXT NOT NULL,  -- UTC, ISO 8601
-    created_epoch     REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS corrections_by_escalation ON corrections (escalation_id);
-
--- One row per decision, on every route: what `appliance report` reads.
+-- One row per decision, on every route: what `appliance report` reads, and what a correction of a
+-- specialist answer names (the request id and the text's position in it).
 CREATE TABLE IF NOT EXISTS decisions (
     id                        INTEGER PRIMARY KEY,
     created_epoch             REAL NOT NULL,     -- seconds since the epoch, UTC
@@ -111,25 +128,63 @@ CREATE TABLE IF NOT EXISTS decisions (
     price                     REAL NOT NULL,
     currency                  TEXT NOT NULL,
     latency_ms                REAL NOT NULL,
-    request_id                TEXT NOT NULL
+    request_id                TEXT NOT NULL,
+    item                      INTEGER,           -- the text's position in its request; NULL from v1
+    label                     TEXT,              -- the label returned to the caller; NULL from v1
+    confidence                REAL,              -- its confidence
+    margin                    REAL,              -- specialist's top-1 minus top-2 score
+    text_sha256               TEXT,              -- hex sha256 of the UTF-8 text
+    text                      TEXT               -- the text; NULL unless store_texts
 );
 CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (created_epoch);
+CREATE INDEX IF NOT EXISTS decisions_by_request ON decisions (request_id, item);
 """
+    + CORRECTIONS_TABLE.format(table="corrections")
+    + CORRECTIONS_INDEXES
+)
 
 # Upgrades, keyed by the version they start from: MIGRATIONS[n] takes a database from n to n+1.
 # Each runs in one transaction together with the version bump.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # 2: corrections name a decision by request id as well as by escalation id, and may carry spans;
+    # decisions keep what correcting a specialist answer needs; escalations say what kind of call.
+    1: """
+ALTER TABLE escalations ADD COLUMN kind TEXT;
+ALTER TABLE escalations ADD COLUMN specialist_spans TEXT;
+ALTER TABLE escalations ADD COLUMN generalist_spans TEXT;
+ALTER TABLE decisions ADD COLUMN item INTEGER;
+ALTER TABLE decisions ADD COLUMN label TEXT;
+ALTER TABLE decisions ADD COLUMN confidence REAL;
+ALTER TABLE decisions ADD COLUMN margin REAL;
+ALTER TABLE decisions ADD COLUMN text_sha256 TEXT;
+ALTER TABLE decisions ADD COLUMN text TEXT;
+CREATE INDEX IF NOT EXISTS decisions_by_request ON decisions (request_id, item);
+"""
+    + CORRECTIONS_TABLE.format(table="corrections_v2")
+    + """
+INSERT INTO corrections_v2 (id, escalation_id, decision_id, request_id, model, model_version,
+                            corrected_label, source, created_at, created_epoch)
+SELECT c.id, c.escalation_id,
+       (SELECT MIN(d.id) FROM decisions AS d WHERE d.escalation_id = c.escalation_id),
+       e.request_id, e.model, e.model_version, c.corrected_label, c.source, c.created_at, c.created_epoch
+FROM corrections AS c JOIN escalations AS e ON e.id = c.escalation_id;
+DROP TABLE corrections;
+ALTER TABLE corrections_v2 RENAME TO corrections;
+"""
+    + CORRECTIONS_INDEXES,
+}
 
 ESCALATION_COLUMNS = (
     "id", "created_at", "created_epoch", "model", "model_version", "text_sha256", "text",
     "specialist_top", "specialist_confidence", "threshold", "generalist_label",
     "generalist_confidence", "generalist_prompt_tokens", "generalist_completion_tokens",
     "final_label", "route", "policy", "cost_core_seconds", "cost_accelerator_seconds", "price",
-    "currency", "request_id",
+    "currency", "request_id", "kind", "specialist_spans", "generalist_spans",
 )  # fmt: skip
 DECISION_COLUMNS = (
     "created_epoch", "model", "model_version", "route", "policy", "fallback", "escalation_id",
     "cost_core_seconds", "cost_accelerator_seconds", "price", "currency", "latency_ms", "request_id",
+    "item", "label", "confidence", "margin", "text_sha256", "text",
 )  # fmt: skip
 
 
@@ -170,6 +225,9 @@ class EscalationRecord:
     generalist_completion_tokens: int = 0
     id: str = field(default_factory=_new_id)
     created_epoch: float | None = None  # None: the time of writing
+    kind: str = "classify"  # or "extract"
+    specialist_spans: str | None = None  # extract: JSON [{label, start, end, ...}]
+    generalist_spans: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +242,12 @@ class DecisionRecord:
     fallback: bool = False
     escalation_id: str = ""
     created_epoch: float | None = None  # None: the time of writing
+    # What correcting this decision later needs (its text is kept only when store_texts).
+    item: int | None = None  # the text's position in its request
+    label: str | None = None  # the label the caller got
+    confidence: float | None = None
+    margin: float | None = None  # the specialist's top-1 minus top-2 score
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +273,69 @@ class Escalation:
     policy: str
     cost: Cost
     request_id: str
+    kind: str | None = None  # None in rows written before schema 2
+    specialist_spans: str | None = None
+    generalist_spans: str | None = None
+
+
+@dataclass(frozen=True)
+class CorrectedSpan:
+    label: str
+    start: int  # characters (code points) of the text, end exclusive
+    end: int
+
+
+@dataclass(frozen=True)
+class CorrectionRequest:
+    """What a caller asks to correct: a decision named by escalation id, or by request id and the
+    text's position in that request (``model`` picks among models answering one request), with the
+    right label or spans."""
+
+    source: str  # 'human:<name>', 'review-queue', a model name
+    escalation_id: str = ""
+    request_id: str = ""
+    item: int = 0
+    model: str = ""
+    label: str | None = None
+    spans: tuple[CorrectedSpan, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CorrectionTarget:
+    """The decision a correction names, as stored."""
+
+    model: str
+    model_version: int
+    escalation_id: str | None
+    decision_id: int | None
+    request_id: str
+    served_label: str | None
+    route: str
+    has_text: bool
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A correction as stored, joined with the decision it corrects."""
+
+    id: int
+    model: str
+    model_version: int
+    escalation_id: str | None
+    request_id: str
+    text: str | None  # None unless the text was kept (store_texts): then it cannot train
+    label: str | None
+    spans: tuple[CorrectedSpan, ...] | None
+    source: str
+    created_epoch: float
+    served_label: str | None  # what the caller got
+    route: str
+    decision_id: int | None = None
+
+    @property
+    def target(self) -> str:
+        """One key per corrected decision: a later correction of the same key overrides."""
+        return f"escalation:{self.escalation_id}" if self.escalation_id else f"decision:{self.decision_id}"
 
 
 @dataclass(frozen=True)
@@ -360,7 +487,7 @@ class EscalationStore:
         """
         now = time.time()
         escalation_rows = [self._escalation_row(e, now) for e in escalations]
-        decision_rows = [_decision_row(d, now) for d in decisions]
+        decision_rows = [self._decision_row(d, now) for d in decisions]
         if not escalation_rows and not decision_rows:
             return []
         with self._lock:
@@ -395,22 +522,60 @@ class EscalationStore:
         self.record([], decisions)
 
     def add_correction(self, escalation_id: str, corrected_label: str, source: str) -> int:
-        if not corrected_label or not source:
-            raise InvalidArgument("a correction needs a label and a source")
+        return self.correct(
+            CorrectionRequest(source=source, escalation_id=escalation_id, label=corrected_label)
+        )[0]
+
+    def correct(self, request: CorrectionRequest) -> tuple[int, bool]:
+        """Record a correction, durably (fsynced) before this returns: (its id, whether it is new).
+
+        The same correction again (same decision, label, spans and source) is the first one's id,
+        not a second row. NotFound when no decision has that escalation or request id.
+        """
+        if not request.source:
+            raise InvalidArgument("a correction needs a source ('human:<name>', 'review-queue' or a model)")
+        if (request.label is None) == (request.spans is None):
+            raise InvalidArgument("a correction gives either the right label or the right spans")
+        if request.label is not None and not request.label.strip():
+            raise InvalidArgument("the corrected label is empty")
+        spans = _spans_json(request.spans) if request.spans is not None else None
         now = time.time()
         with self._lock:
             conn = self._writer(durable=True)
             with self._transaction(conn):
-                known = conn.execute("SELECT 1 FROM escalations WHERE id = ?", (escalation_id,)).fetchone()
-                if known is None:
-                    raise NotFound(f"no escalation with id {escalation_id!r}")
+                target = _resolve(conn, request)
+                same = conn.execute(
+                    "SELECT id FROM corrections WHERE COALESCE(escalation_id, '') = ?"
+                    " AND COALESCE(decision_id, -1) = ? AND corrected_label IS ? AND corrected_spans IS ?"
+                    " AND source = ? ORDER BY id LIMIT 1",
+                    (
+                        target.escalation_id or "",
+                        -1 if target.decision_id is None else target.decision_id,
+                        request.label,
+                        spans,
+                        request.source,
+                    ),
+                ).fetchone()
+                if same is not None:
+                    return int(same[0]), False
                 cursor = conn.execute(
-                    "INSERT INTO corrections"
-                    " (escalation_id, corrected_label, source, created_at, created_epoch)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (escalation_id, corrected_label, source, _iso(now), now),
-                )
-        return int(cursor.lastrowid or 0)
+                    "INSERT INTO corrections (escalation_id, decision_id, request_id, model, model_version,"
+                    " corrected_label, corrected_spans, source, created_at, created_epoch)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        target.escalation_id, target.decision_id, target.request_id, target.model,
+                        target.model_version, request.label, spans, request.source, _iso(now), now,
+                    ),
+                )  # fmt: skip
+        return int(cursor.lastrowid or 0), True
+
+    def resolve(self, request: CorrectionRequest) -> CorrectionTarget:
+        """The decision a correction would name (NotFound if none), read without writing."""
+        conn = _open_readonly(self.path)
+        try:
+            return _resolve(conn, request)
+        finally:
+            conn.close()
 
     def _fault(self, exc: sqlite3.Error) -> ApplianceError:
         """The status for a failed write: the disk is full, the file is damaged, or it is busy.
@@ -430,15 +595,23 @@ class EscalationStore:
 
     def _escalation_row(self, e: EscalationRecord, now: float) -> tuple[object, ...]:
         epoch = now if e.created_epoch is None else e.created_epoch
-        digest = hashlib.sha256(e.text.encode("utf-8", "surrogatepass")).hexdigest()
         return (
-            e.id, _iso(epoch), epoch, e.model, e.model_version, digest,
+            e.id, _iso(epoch), epoch, e.model, e.model_version, _sha256(e.text),
             e.text if self.store_texts else None,
             json.dumps([[label, float(score)] for label, score in e.specialist_top]),
             e.specialist_confidence, e.threshold, e.generalist_label, e.generalist_confidence,
             e.generalist_prompt_tokens, e.generalist_completion_tokens, e.final_label, e.route,
             e.policy, e.cost.core_seconds, e.cost.accelerator_seconds, e.cost.price, e.cost.currency,
-            e.request_id,
+            e.request_id, e.kind, e.specialist_spans, e.generalist_spans,
+        )  # fmt: skip
+
+    def _decision_row(self, d: DecisionRecord, now: float) -> tuple[object, ...]:
+        digest = _sha256(d.text) if d.text is not None else None
+        return (
+            now if d.created_epoch is None else d.created_epoch, d.model, d.model_version, d.route,
+            d.policy, int(d.fallback), d.escalation_id or None, d.cost.core_seconds,
+            d.cost.accelerator_seconds, d.cost.price, d.cost.currency, d.latency_ms, d.request_id,
+            d.item, d.label, d.confidence, d.margin, digest, d.text if self.store_texts else None,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ reading
@@ -458,6 +631,37 @@ class EscalationStore:
             )
             for row in conn.execute(query, params):
                 yield _escalation(row)
+        finally:
+            conn.close()
+
+    def iter_corrections(
+        self, model: str | None = None, since: datetime | float | None = None
+    ) -> Iterator[Correction]:
+        """Corrections created at or after ``since``, oldest first, with the text where it was kept.
+
+        A decision corrected twice appears twice; the later one (same :attr:`Correction.target`)
+        overrides the earlier."""
+        clauses, params = ["1 = 1"], []
+        if model is not None:
+            clauses.append("c.model = ?")
+            params.append(model)
+        if (start := _epoch(since)) is not None:
+            clauses.append("c.created_epoch >= ?")
+            params.append(start)
+        conn = _open_readonly(self.path)
+        try:
+            query = (
+                "SELECT c.id, c.model, c.model_version, c.escalation_id, c.request_id,"
+                " COALESCE(e.text, d.text), c.corrected_label, c.corrected_spans, c.source, c.created_epoch,"
+                " COALESCE(e.final_label, d.label), COALESCE(d.route, e.route, ''), c.decision_id"
+                " FROM corrections AS c LEFT JOIN escalations AS e ON e.id = c.escalation_id"
+                " LEFT JOIN decisions AS d ON d.id = c.decision_id"
+                f" WHERE {' AND '.join(clauses)} ORDER BY c.id"
+            )
+            for row in conn.execute(query, params):
+                values = list(row)
+                values[7] = _spans(values[7])
+                yield Correction(*values)
         finally:
             conn.close()
 
@@ -492,12 +696,86 @@ def _insert(table: str, columns: Sequence[str]) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
-def _decision_row(d: DecisionRecord, now: float) -> tuple[object, ...]:
-    return (
-        now if d.created_epoch is None else d.created_epoch, d.model, d.model_version, d.route, d.policy,
-        int(d.fallback), d.escalation_id or None, d.cost.core_seconds, d.cost.accelerator_seconds,
-        d.cost.price, d.cost.currency, d.latency_ms, d.request_id,
-    )  # fmt: skip
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _spans_json(spans: Sequence[CorrectedSpan]) -> str:
+    for span in spans:
+        if not span.label or span.start < 0 or span.end <= span.start:
+            raise InvalidArgument(
+                f"span {span.label!r} [{span.start}, {span.end}): needs a label and 0 <= start < end"
+            )
+    ordered = sorted(spans, key=lambda x: (x.start, x.end, x.label))
+    return json.dumps([{"label": x.label, "start": x.start, "end": x.end} for x in ordered])
+
+
+def _spans(text: object) -> tuple[CorrectedSpan, ...] | None:
+    if text is None:
+        return None
+    rows = json.loads(str(text))
+    return tuple(CorrectedSpan(str(x["label"]), int(x["start"]), int(x["end"])) for x in rows)
+
+
+# The decision a correction names, with what the caller was served. An escalated decision is found
+# from either of its ids, and both name it.
+_TARGET = (
+    "SELECT COALESCE(d.model, e.model), COALESCE(d.model_version, e.model_version),"
+    " COALESCE(e.id, d.escalation_id), d.id, COALESCE(d.request_id, e.request_id),"
+    " COALESCE(e.final_label, d.label), COALESCE(d.route, e.route), COALESCE(e.text, d.text) IS NOT NULL"
+)
+
+
+def _resolve(conn: sqlite3.Connection, request: CorrectionRequest) -> CorrectionTarget:
+    if request.escalation_id:
+        row = conn.execute(
+            f"{_TARGET} FROM escalations AS e LEFT JOIN decisions AS d ON d.escalation_id = e.id"
+            " WHERE e.id = ? ORDER BY d.id LIMIT 1",
+            (request.escalation_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no escalation with id {request.escalation_id!r}")
+        return _target(row)
+    if not request.request_id:
+        raise InvalidArgument("a correction names a decision by escalation id or by request id")
+    if request.item < 0:
+        raise InvalidArgument(f"item {request.item}: a text's position in its request is 0 or more")
+    query = (
+        f"{_TARGET} FROM decisions AS d LEFT JOIN escalations AS e ON e.id = d.escalation_id"
+        " WHERE d.request_id = ? AND d.item = ?"
+    )
+    params: list[object] = [request.request_id, request.item]
+    if request.model:
+        query += " AND d.model = ?"
+        params.append(request.model)
+    rows = conn.execute(query + " ORDER BY d.id DESC", params).fetchall()
+    if not rows:
+        where = f" for model {request.model!r}" if request.model else ""
+        raise NotFound(
+            f"no decision for text {request.item} of request {request.request_id!r}{where} (a specialist's "
+            "decisions are recorded within a second of the answer)"
+        )
+    models = {(r[0], r[1]) for r in rows}
+    if len(models) > 1:
+        raise InvalidArgument(
+            f"request {request.request_id!r} has decisions of {len(models)} models for text {request.item}; "
+            "name the model"
+        )
+    return _target(rows[0])
+
+
+def _target(row: Sequence[object]) -> CorrectionTarget:
+    model, version, escalation_id, decision_id, request_id, served, route, has_text = row
+    return CorrectionTarget(
+        model=str(model),
+        model_version=int(version),  # type: ignore[call-overload]
+        escalation_id=None if escalation_id is None else str(escalation_id),
+        decision_id=None if decision_id is None else int(decision_id),  # type: ignore[call-overload]
+        request_id=str(request_id),
+        served_label=None if served is None else str(served),
+        route=str(route),
+        has_text=bool(has_text),
+    )
 
 
 def _escalation(row: Sequence[object]) -> Escalation:

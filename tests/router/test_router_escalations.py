@@ -194,8 +194,11 @@ def test_a_missing_migration_or_a_newer_database_is_refused(tmp_path: Path) -> N
     db = tmp_path / "e.db"
     EscalationStore(db).close()
     conn = sqlite3.connect(db, isolation_level=None)
-    with pytest.raises(FailedPrecondition, match="no migration from escalation schema version 1 to 2"):
-        esc.migrate(conn, {}, target=2)
+    with pytest.raises(
+        FailedPrecondition,
+        match=f"no migration from escalation schema version {esc.SCHEMA_VERSION} to {esc.SCHEMA_VERSION + 1}",
+    ):
+        esc.migrate(conn, {}, target=esc.SCHEMA_VERSION + 1)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
     with pytest.raises(FailedPrecondition, match="version 99, newer than this appliance"):
