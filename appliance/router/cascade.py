@@ -281,6 +281,11 @@ class Cascade:
                     request_id=request_id,
                     fallback=i in fallbacks,
                     escalation_id=escalation_id,
+                    item=i,
+                    label=label,
+                    confidence=confidence,
+                    margin=answer.top[0][1] - (answer.top[1][1] if len(answer.top) > 1 else 0.0),
+                    text=texts[i],
                 )
             )
         if escalation_rows:
