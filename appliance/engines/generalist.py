@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 from appliance.config import apply_offline_env
 from appliance.engines.generalist_api import (
     DEFAULT_MAX_TOKENS,
+    Demonstration,
     Generalist,
     GenerationChunk,
     Placement,
@@ -326,18 +327,13 @@ class GeneralistEngine(Generalist):
     # ----------------------------------------------------------------- classification
 
     def _classification_prompt(
-        self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> list[int]:
-        described = descriptions or {}
-        label_lines = "\n".join(
-            f"- {label}: {described[label]}" if described.get(label) else f"- {label}" for label in labels
-        )
-        body = (
-            "Classify the text into exactly one of these labels.\n\n"
-            f"Labels:\n{label_lines}\n\n"
-            f"Text: {text}\n\n"
-            "Answer with the label only."
-        )
+        body = classification_body(text, labels, descriptions, demonstrations)
         if self.tokenizer.chat_template:
             return self._encode(None, [{"role": "user", "content": body}])
         return self._encode(f"{body}\nLabel:", None)
@@ -377,8 +373,10 @@ class GeneralistEngine(Generalist):
         labels: Sequence[str],
         descriptions: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> ZeroShotResult:
-        """Pick exactly one of ``labels`` for ``text`` (greedy, output constrained to the labels)."""
+        """Pick exactly one of ``labels`` for ``text`` (greedy, output constrained to the labels),
+        shown ``demonstrations`` (labelled examples) first when there are any."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -386,7 +384,7 @@ class GeneralistEngine(Generalist):
         if not isinstance(text, str) or not text.strip():
             raise InvalidArgument("text must be a non-empty string")
         _check_labels(labels, descriptions)
-        ids = self._classification_prompt(text, labels, descriptions)
+        ids = self._classification_prompt(text, labels, descriptions, demonstrations)
         budget = self._label_budget(labels)
         room = self._room_for_output(len(ids), "the zero-shot prompt with this text")
         if room < budget:
@@ -426,6 +424,30 @@ class GeneralistEngine(Generalist):
             completion_tokens=len(answer.token_ids),
             engine_seconds=seconds,
         )
+
+
+def classification_body(
+    text: str,
+    labels: Sequence[str],
+    descriptions: Mapping[str, str] | None,
+    demonstrations: Sequence[Demonstration] = (),
+) -> str:
+    """The zero-shot instruction; with demonstrations, a few-shot one (examples before the text)."""
+    described = descriptions or {}
+    label_lines = "\n".join(
+        f"- {label}: {described[label]}" if described.get(label) else f"- {label}" for label in labels
+    )
+    examples = ""
+    if demonstrations:
+        shown = "\n\n".join(f"Text: {d.text}\nLabel: {d.label}" for d in demonstrations)
+        examples = f"Labelled examples:\n\n{shown}\n\n"
+    return (
+        "Classify the text into exactly one of these labels.\n\n"
+        f"Labels:\n{label_lines}\n\n"
+        f"{examples}"
+        f"Text: {text}\n\n"
+        "Answer with the label only."
+    )
 
 
 def _shut_down(box: list[AsyncLLM]) -> None:

@@ -35,6 +35,14 @@ class GenerationChunk:
 
 
 @dataclass(frozen=True)
+class Demonstration:
+    """A labelled example shown to the generalist before the text it classifies."""
+
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
 class ZeroShotResult:
     """A label chosen by the generalist.
 
@@ -89,8 +97,10 @@ class Generalist(Protocol):
         labels: Sequence[str],
         descriptions: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> ZeroShotResult:
-        """Exactly one of ``labels`` for ``text``."""
+        """Exactly one of ``labels`` for ``text``; ``demonstrations`` (labelled examples) go in the
+        prompt before it."""
         ...
 
     def generate(

@@ -26,7 +26,13 @@ from ray.serve.handle import DeploymentHandle
 
 from appliance.config import OFFLINE_ENV, apply_offline_env
 from appliance.engines.generalist import GeneralistEngine
-from appliance.engines.generalist_api import Generalist, GenerationChunk, Placement, ZeroShotResult
+from appliance.engines.generalist_api import (
+    Demonstration,
+    Generalist,
+    GenerationChunk,
+    Placement,
+    ZeroShotResult,
+)
 from appliance.engines.generalist_args import GeneralistArgs
 from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted, Unavailable
 from appliance.router.cost import CostModel, price_generalist
@@ -86,8 +92,9 @@ class GeneralistDeployment:
         labels: Sequence[str],
         descriptions: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> ZeroShotResult:
-        return await self._engine.classify(text, labels, descriptions, request_id)
+        return await self._engine.classify(text, labels, descriptions, request_id, demonstrations)
 
     async def generate(self, request: Mapping[str, Any]) -> AsyncIterator[GenerationChunk]:
         """Stream a generation; ``request`` holds :meth:`GeneralistEngine.generate`'s arguments."""
@@ -175,10 +182,11 @@ class GeneralistClient(Generalist):
         labels: Sequence[str],
         descriptions: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> ZeroShotResult:
         try:
             result: ZeroShotResult = await self._handle.classify.remote(
-                text, list(labels), dict(descriptions or {}), request_id
+                text, list(labels), dict(descriptions or {}), request_id, list(demonstrations)
             )
         except Exception as exc:
             raise _mapped(exc) from exc

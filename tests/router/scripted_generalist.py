@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from appliance.engines.generalist_api import (
     DEFAULT_MAX_TOKENS,
+    Demonstration,
     Generalist,
     GenerationChunk,
     Placement,
@@ -42,6 +43,7 @@ class ScriptedGeneralist(Generalist):
     units: int | None = None
     calls: list[str] = field(default_factory=list)
     checked: list[tuple[list[str], dict[str, str]]] = field(default_factory=list)
+    shown: dict[str, list[Demonstration]] = field(default_factory=dict)  # demonstrations per text
     in_flight: int = 0
     most_in_flight: int = 0
     gate: asyncio.Event | None = None
@@ -76,8 +78,10 @@ class ScriptedGeneralist(Generalist):
         labels: Sequence[str],
         descriptions: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> ZeroShotResult:
         self.calls.append(text)
+        self.shown[text] = list(demonstrations)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
