@@ -200,6 +200,14 @@ class ModelStore:
             return None
         return int(text) if VERSION_RE.fullmatch(text) and int(text) >= 1 else None
 
+    def served_version(self, name: str) -> int:
+        """The version a bare ``name`` serves: the recorded choice while it is published, else the newest."""
+        published = self.versions(name)
+        if not published:
+            raise NotFound(f"no published model named {name!r} in {self.models_root}")
+        chosen = self.serving_version(name)
+        return chosen if chosen in published else published[-1]
+
     def set_serving_version(self, name: str, version: int) -> None:
         """Record the serving choice durably: a temporary file, fsynced, renamed over the old one."""
         folder = self.models_root / validate_name(name)

@@ -7,8 +7,9 @@ re-serialisation of this model.
 
 Schema versions: 1 is every manifest written before ``schema_version`` existed (no training
 columns, no lineage); 2 adds ``columns`` and ``lineage``, and, for kind ``span_extractor`` only,
-``extractor`` (tags, tagger file, span metrics, training format). Unknown keys are ignored, so a
-manifest from a newer factory still loads here.
+``extractor`` (tags, tagger file, span metrics, training format). ``stage`` and the lineage's
+dataset digests were added to 2 with defaults ("champion", none), which is what an older manifest
+means. Unknown keys are ignored, so a manifest from a newer factory still loads here.
 
 A span extractor's ``labels`` are its slot names; its ``calibration`` is over span confidence
 (:mod:`appliance.artifact.spans`) with ``text_coverage`` set; its ``quantization`` compares
@@ -29,6 +30,7 @@ SCHEMA_VERSION = 2
 Kind = Literal["classifier", "span_extractor"]
 Precision = Literal["fp32", "int8"]
 DefaultPolicy = Literal["cascade", "specialist_only", "generalist_only"]
+Stage = Literal["champion", "challenger"]
 
 
 class _Part(BaseModel):
@@ -130,6 +132,12 @@ class TrainedFrom(_Part):
 class Lineage(_Part):
     parent_version: int | None  # the version of this name published before it, if any
     trained_from: TrainedFrom
+    # Digests in the dataset store ($APPLIANCE_HOME/datasets): the rows trained on, and the golden
+    # set (held out once, never trained on) it was evaluated on. None before the store existed.
+    train_dataset: str | None = None
+    golden_dataset: str | None = None
+    corrections: int = 0  # corrected decisions among the training rows (a retrain)
+    distilled: int = 0  # training rows labelled by the generalist (a retrain with distillation)
 
 
 class SlotScores(_Part):
@@ -166,6 +174,8 @@ class SpecialistFields(_Part):
 
     kind: Kind = "classifier"
     schema_version: int = 1
+    # A challenger is published beside the champion without being served (a retrain's output).
+    stage: Stage = "champion"
     mode: Literal["head", "finetune"] = "head"
     labels: list[str] = Field(min_length=1)
     label_descriptions: dict[str, str] = Field(default_factory=dict)

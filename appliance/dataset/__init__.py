@@ -5,7 +5,7 @@ a list of ``DataWarning`` or raises one ``DataError`` that names every row-level
 to a cap), each located by file line (CSV/JSONL) or row (Parquet), so the engineer fixes the file in
 one pass instead of one error per run.
 
-- :mod:`~appliance.dataset.records`: ``LabelledData``, ``DataError``, ``DataWarning``.
+- :mod:`~appliance.dataset.records`: ``LabelledData`` (and its ``LabelledRow``), ``DataError``, ``DataWarning``.
 - :mod:`~appliance.dataset.reading`: ``load_labelled`` and the per-format readers.
 - :mod:`~appliance.dataset.quality`: ``inspect_data`` (the warnings) and spreadsheet-formula escaping.
 - :mod:`~appliance.dataset.splitting`: ``stratified_split``, ``few_shot``, ``fingerprint``.
@@ -29,7 +29,7 @@ from appliance.dataset.reading import (
     SUPPORTED_SUFFIXES,
     load_labelled,
 )
-from appliance.dataset.records import DataError, DataWarning, LabelledData
+from appliance.dataset.records import DataError, DataWarning, LabelledData, LabelledRow
 from appliance.dataset.spans import SpanData, SpanExample, load_spans
 from appliance.dataset.splitting import few_shot, fingerprint, stratified_split
 
@@ -45,6 +45,7 @@ __all__ = [
     "DataError",
     "DataWarning",
     "LabelledData",
+    "LabelledRow",
     "SpanData",
     "SpanExample",
     "escape_csv_cell",

@@ -61,6 +61,16 @@ class DataWarning:
 
 
 @dataclass(frozen=True)
+class LabelledRow:
+    """One labelled text, with where its label came from (``train``, ``correction:human:alice``,
+    ``generalist``): the dataset store's row of a classification set."""
+
+    text: str
+    label: str
+    origin: str = "train"
+
+
+@dataclass(frozen=True)
 class LabelledData:
     """Kept rows, in file order. ``locations[i]`` is row i's 1-based line (CSV/JSONL) or row (Parquet)."""
 
@@ -95,6 +105,20 @@ class LabelledData:
             source=self.source,
             locations=[self.locations[i] for i in idx],
             location_kind=self.location_kind,
+        )
+
+    def rows(self, origin: str = "train") -> list[LabelledRow]:
+        return [LabelledRow(t, x, origin) for t, x in zip(self.texts, self.labels, strict=True)]
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[LabelledRow], source: Path) -> LabelledData:
+        """Rows as the factory's data set; a row's location is its 1-based position in ``rows``."""
+        return cls(
+            texts=[r.text for r in rows],
+            labels=[r.label for r in rows],
+            source=source,
+            locations=list(range(1, len(rows) + 1)),
+            location_kind="row",
         )
 
     def location(self, n: int) -> int | str:
