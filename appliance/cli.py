@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.router.commands",
     "appliance.bundle",
     "appliance.engines.model_pin",
+    "appliance.loop.commands",
 )
 
 

@@ -39,6 +39,9 @@ from appliance.engines.encoder import EncoderConfig, OnnxEncoder, Tokenized, cor
 from appliance.engines.extractor import Extractor, Served, load_served
 from appliance.engines.specialist import Specialist, require_self_check
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from appliance.loop.choices import ShadowChoice
+from appliance.loop.follow import DEFAULT_INTERVAL_S, ChoiceFollower
+from appliance.loop.shadow import DEFAULT_QUEUE, ShadowRunner, ShadowStore, shadow_db
 from appliance.router.interface import Router
 from appliance.serve.batcher import Batcher, BatchStats, Item
 from appliance.serve.metrics import ServingMetrics
@@ -78,6 +81,9 @@ class RuntimeSettings:
     max_loaded_models: int = 64
     load_on_demand: bool = True
     versions_kept: int = 2  # the serving version and the one before it, for rollback
+    # How often the recorded serving and shadow choices are read (every replica follows them); 0: never.
+    follow_interval_s: float = DEFAULT_INTERVAL_S
+    shadow_queue: int = DEFAULT_QUEUE  # requests waiting for the shadow challenger; past it, dropped
 
 
 @dataclass
@@ -279,6 +285,9 @@ class ServingRuntime:
         self.started = False
         self.draining = False
         self.start_errors: dict[str, str] = {}  # configured ref -> why it did not load at start
+        # The challenger in shadow, and the watcher that keeps this replica on the recorded choices.
+        self.shadow = ShadowRunner(self, ShadowStore(shadow_db(self.store.home)), settings.shadow_queue)
+        self._follower = ChoiceFollower(self, self.store, settings.follow_interval_s)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -297,9 +306,13 @@ class ServingRuntime:
             except ApplianceError as exc:
                 log.error("could not load %s at start: %s", ref, exc.message)
                 self.start_errors[ref] = exc.message
+        if self.settings.follow_interval_s > 0:
+            self._follower.start()
 
     async def close(self) -> None:
         self.draining = True
+        await self._follower.close()
+        await self.shadow.close()
         for lane in list(self._lanes.values()):
             await lane.batcher.close()
         if self.router is not None:
@@ -495,6 +508,30 @@ class ServingRuntime:
             self._serving[name] = loaded.specialist.version
             return loaded
 
+    # ------------------------------------------------------------------ the retraining loop's hooks
+    def served_versions(self) -> dict[str, int]:
+        return dict(self._serving)
+
+    async def follow_serving(self, name: str, version: int) -> None:
+        """Serve ``version`` for a bare ``name``, as recorded by another replica's LoadModel."""
+        async with self._load_lock:
+            if self._serving.get(name) == version:
+                return
+            if (name, version) not in self._versions:
+                await self._bring_in(name, version)  # raises: the old one keeps serving
+            self._serving[name] = version
+
+    def follow_shadow(self, name: str, choice: ShadowChoice | None) -> None:
+        self.shadow.set_choice(name, choice)
+
+    async def shadow_answers(
+        self, name: str, version: int, texts: Sequence[str]
+    ) -> tuple[list[SpecialistAnswer], float]:
+        """The challenger's answers for the shadow (loaded on first use), and its threshold."""
+        loaded = await self._resolve(f"{name}:{version}")
+        answers = await self._specialist_answers(loaded, texts, 1, False, None)
+        return answers, loaded.classifier.threshold
+
     # ------------------------------------------------------------------ descriptions
     def _limits(self, spec: Served) -> Limits:
         lim = self.settings.limits
@@ -663,7 +700,11 @@ class ServingRuntime:
         loaded = await self._resolve(model)
         k = min(max(top_k, 1), len(loaded.classifier.labels))
         answers = await self._specialist_answers(loaded, texts, k, want_probs, timeout)
-        return await self._decide(loaded, texts, answers, policy, allow_fallback, request_id)
+        outcome = await self._decide(loaded, texts, answers, policy, allow_fallback, request_id)
+        if ":" not in model:  # the shadow challenger is compared with what bare callers get
+            spec = loaded.specialist
+            self.shadow.offer(spec.name, spec.version, texts, outcome.decisions, request_id)
+        return outcome
 
     async def extract(
         self,
