@@ -7,7 +7,9 @@ writing). Over the window:
   also counted on their own);
 - escalation rate: share the generalist answered; the two add up to 1;
 - per route: decisions, compute (core- and accelerator-seconds) and price, in total and per
-  1,000 decisions.
+  1,000 decisions;
+- for one model (``appliance report NAME``), per version: the same rates and price, accuracy on
+  the decisions reviewers corrected, lineage, and the shadow figures (:mod:`appliance.loop.report`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     window.add_argument(
         "--hours", type=float, metavar="N", help=f"the last N hours (default: {DEFAULT_HOURS:g})"
     )
-    parser.add_argument("--model", metavar="NAME", help="only this model's decisions")
+    parser.add_argument(
+        "name", nargs="?", metavar="NAME", help="one model: also its versions, lineage and shadow figures"
+    )
+    parser.add_argument("--model", metavar="NAME", help="only this model's decisions (totals only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument(
         "--db",
@@ -150,7 +155,10 @@ def _report(args: argparse.Namespace) -> int:
             if not hours > 0:
                 raise InvalidArgument(f"--hours must be positive, got {hours:g}")
             since = until - 3600.0 * hours
-        summary = summarize(args.db or default_db(), since=since, until=until, model=args.model)
+        if args.name and args.model and args.name != args.model:
+            raise InvalidArgument(f"two models named: {args.name!r} and --model {args.model!r}")
+        model = args.name or args.model
+        summary = summarize(args.db or default_db(), since=since, until=until, model=model)
         if len(summary.currencies) > 1:
             raise InvalidArgument(
                 f"the window mixes currencies {', '.join(summary.currencies)} (the price changed); narrow it"
@@ -158,9 +166,16 @@ def _report(args: argparse.Namespace) -> int:
     except ApplianceError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 1
-    report = build_report(summary, since, until, args.model)
+    report = build_report(summary, since, until, model)
+    if args.name:
+        from appliance.config import appliance_home
+        from appliance.loop.report import render_versions, version_report
+
+        report["versions"] = version_report(model, args.db or default_db(), appliance_home(), since, until)
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
         print(render(report))
+        if args.name:
+            print(render_versions(report["versions"], report["currency"] or "price"))
     return 0
