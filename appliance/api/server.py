@@ -28,6 +28,7 @@ from appliance._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from appliance.api.backend import Backend
 from appliance.api.kserve import KServeServicer, reflection_pool
 from appliance.api.servicers import AdminServicer, GenerationServicer, InferenceServicer, ModelServicer
+from appliance.api.workflows import Workflows, WorkflowServicer, default_workflows
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition
 from appliance.network import is_loopback
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICES = (
     "appliance.v1.InferenceService",
     "inference.GRPCInferenceService",
+    "appliance.v1.WorkflowService",
 )
 GENERATION_SERVICE = "appliance.v1.GenerationService"
 CONTROL_SERVICES = ("appliance.v1.ModelService", "appliance.v1.AdminService")
@@ -66,8 +68,16 @@ class ServerSettings:
     # Calls in progress at once per token: one client cannot take all of max_concurrent_rpcs.
     max_calls_per_token: int = DEFAULT_MAX_CALLS_PER_TOKEN
     grace_seconds: float = 5.0
+    # Several ingress processes of one node share the port (SO_REUSEPORT): the kernel spreads new
+    # connections among them. Only processes of the same user can join a port.
+    reuse_port: bool = True
     audit: AuditSettings = field(default_factory=AuditSettings)  # rotation, retention, free space
     cert_warn_days: float = 30.0  # warn this long before the server certificate or the CA expires
+
+    @property
+    def shares_port(self) -> bool:
+        """Whether the listening socket may be shared; port 0 always means a port of our own."""
+        return self.reuse_port and self.port != 0
 
     @property
     def bind(self) -> str:
@@ -84,11 +94,14 @@ class ApplianceServer:
         settings: ServerSettings,
         metrics: ServingMetrics | None = None,
         generalist: Generalist | None = None,
+        workflows: Workflows | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
         self.generalist = generalist  # None: no GenerationService
+        # published workflows over this backend; None: built at start with the generalist as "default"
+        self.workflows = workflows
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -151,12 +164,15 @@ class ApplianceServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),  # port 0 must mean a port of our own
+                ("grpc.so_reuseport", int(self.settings.shares_port)),
             ],
         )
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.backend, self.metrics), server)
         pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.backend, self.metrics), server)
         pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.backend, self.metrics), server)
+        if self.workflows is None:
+            self.workflows = default_workflows(self.backend, self.generalist)
+        pb_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(self.workflows, self.metrics), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.backend, self.metrics), server
         )
@@ -238,6 +254,8 @@ class ApplianceServer:
         await self.backend.close()
         await stopping
         self._server = None
+        if self.workflows is not None and self.workflows.runs is not None:
+            self.workflows.runs.close()
         if self._audit is not None:
             self._audit.close()
 

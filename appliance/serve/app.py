@@ -14,23 +14,29 @@ the appliance promises.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from appliance.batching import BatchSettings
 from appliance.config import OFFLINE_ENV, appliance_home, apply_offline_env
-from appliance.engines.generalist_args import GeneralistArgs
+from appliance.engines.generalist_args import DEFAULT_NAME, NAME_PATTERN, GeneralistArgs
 from appliance.router.cascade import DEFAULT_MAX_WAITING, Cascade
 from appliance.router.cost import CostModel
+from appliance.router.generalists import MAX_DEMONSTRATIONS, ModelEscalation
 from appliance.security.interceptor import DEFAULT_MAX_CALLS_PER_TOKEN
 from appliance.serve.generalist import GeneralistClient, generalist_app, placement_of
+from appliance.serve.home_mirror import mirror_from_head
+from appliance.serve.node import MAX_INGRESS_PER_NODE, cores_per_ingress, ingress_per_node
+from appliance.serve.placement import IngressPlacement, current_placement, deployment_version
 
 if TYPE_CHECKING:
     from appliance.serve.metrics import ServingMetrics
@@ -43,6 +49,14 @@ class LimitsArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_texts_per_call: int = Field(256, ge=1, le=4096)
     max_text_bytes: int = Field(64 * 1024, ge=16, le=16 << 20)
+
+
+class EscalationArgs(BaseModel):
+    """A model's cascade settings (``escalation: {MODEL: {...}}`` in the Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    generalist: str | None = Field(None, pattern=NAME_PATTERN)  # None: "default", else the first
+    demonstrations: int = Field(0, ge=0, le=MAX_DEMONSTRATIONS)  # k nearest training examples in the prompt
 
 
 class AppArgs(BaseModel):
@@ -66,14 +80,40 @@ class AppArgs(BaseModel):
     limits: LimitsArgs = LimitsArgs()
     batch: BatchSettings = BatchSettings()
     intra_op_threads: int = Field(0, ge=0)
+    # ingress processes per node, on one port; None: one per two cores, 1 to 8 (serve/node.py)
+    ingress_per_node: int | None = Field(None, ge=1, le=MAX_INGRESS_PER_NODE)
     max_loaded_models: int = Field(64, ge=1)
     ingress_cpus: float = Field(1.0, gt=0)
-    generalist: GeneralistArgs | None = None
+    generalist: GeneralistArgs | None = None  # one, named "default" unless it says otherwise
+    generalists: list[GeneralistArgs] = Field(default_factory=list)  # several, each named
+    escalation: dict[str, EscalationArgs] = Field(default_factory=dict)  # per model name
     # texts waiting for the generalist at once, per replica; past it escalations are refused
     max_waiting_escalations: int = Field(DEFAULT_MAX_WAITING, ge=1)
     price_per_hour: float = Field(2.0, ge=0)
     currency: str = "USD"
     store_escalation_texts: bool = False
+
+    @model_validator(mode="after")
+    def _generalists_named_once(self) -> AppArgs:
+        names = [g.name for g in self.all_generalists()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"generalist names must be distinct, got {names}")
+        for model, setting in self.escalation.items():
+            if setting.generalist is not None and setting.generalist not in names:
+                raise ValueError(
+                    f"escalation.{model}.generalist names {setting.generalist!r}, which is not configured; "
+                    f"known: {', '.join(names) or 'none'}"
+                )
+        return self
+
+    def all_generalists(self) -> list[GeneralistArgs]:
+        """The single ``generalist`` first, then the ``generalists`` list."""
+        return [*([self.generalist] if self.generalist is not None else []), *self.generalists]
+
+    @property
+    def ingress_count(self) -> int:
+        """Ingress processes on this node: ``ingress_per_node``, or the default for its cores."""
+        return ingress_per_node(self.ingress_per_node)
 
 
 @serve.deployment(
@@ -88,7 +128,7 @@ class Ingress:
 
     # Ray Serve awaits an async constructor; type checkers only know synchronous ones.
     async def __init__(  # type: ignore[misc]
-        self, args: dict[str, Any], generalist: DeploymentHandle[Any] | None = None
+        self, args: dict[str, Any], generalists: dict[str, DeploymentHandle[Any]] | None = None
     ) -> None:
         apply_offline_env()
         from appliance.api.server import ApplianceServer, ServerSettings
@@ -100,27 +140,27 @@ class Ingress:
         self.args = a = AppArgs.model_validate(args)
         home = Path(a.home) if a.home else appliance_home()
         metrics = ServingMetrics()
-        self.metrics_port = _start_metrics(metrics, a.metrics_port)
-        cost = CostModel(
-            price_per_hour=a.price_per_hour,
-            currency=a.currency,
-            accelerators=a.generalist.num_gpus if a.generalist else 0,
-        )
-        self.generalist = (
-            GeneralistClient(generalist, cost, placement_of(a.generalist))
-            if generalist is not None and a.generalist is not None
-            else None
-        )
-        self._tasks: list[asyncio.Task[None]] = []
-        if self.generalist is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self.generalist.watch()))
-        router = build_router(a, home, self.generalist, cost, metrics)
+        self.metrics_port = _start_metrics(metrics, a.metrics_port, a.ingress_count)
+        cost, costs = generalist_costs(a)
+        handles = generalists or {}
+        self.generalists = {
+            g.name: GeneralistClient(handles[g.name], costs.get(g.name, cost), placement_of(g))
+            for g in a.all_generalists()
+            if g.name in handles
+        }
+        # The GenerationService's: "default", else the first one.
+        self.generalist = self.generalists.get(DEFAULT_NAME) or next(iter(self.generalists.values()), None)
+        self._tasks: list[asyncio.Task[None]] = [
+            asyncio.get_running_loop().create_task(client.watch()) for client in self.generalists.values()
+        ]
+        router = build_router(a, home, self.generalists, cost, metrics, costs)
         self.runtime = ServingRuntime(
             RuntimeSettings(
                 models=tuple(a.models),
                 limits=Limits(a.limits.max_texts_per_call, a.limits.max_text_bytes),
                 batch=a.batch,
                 intra_op_threads=a.intra_op_threads,
+                cores=cores_per_ingress(a.ingress_count),
                 max_loaded_models=a.max_loaded_models,
             ),
             store=ModelStore(home),
@@ -147,6 +187,10 @@ class Ingress:
         )
         # Serve before the models are warm: health says NOT_SERVING until they are.
         self.port = await self.server.start()
+        # A node without the head's disk pulls (and verifies) the models and shared state first.
+        mirror = await mirror_from_head(home)
+        if mirror is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(mirror.run()))
         await self.runtime.start()
 
     async def address(self) -> dict[str, Any]:
@@ -175,45 +219,101 @@ class Ingress:
         await self.server.stop()
 
 
-def _start_metrics(metrics: ServingMetrics, port: int | None) -> int | None:
-    """The bound Prometheus port (``port`` 0: a free one), or None when metrics are off."""
+def _start_metrics(metrics: ServingMetrics, port: int | None, processes: int = 1) -> int | None:
+    """The bound Prometheus port, or None when metrics are off. Each of a node's ``processes``
+    ingress processes takes the first free port of ``port`` .. ``port + processes - 1`` (``port``
+    0: any free one), so that each is scraped on its own."""
     from appliance.serve.metrics import start_metrics_server
 
     if port is None:
         return None
-    try:
-        return start_metrics_server(metrics, port)
-    except OSError as exc:  # the launcher shows this line to the operator: say which port and what to do
-        raise OSError(
-            exc.errno,
-            f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror} "
-            "(choose another with --metrics-port, 0 for a free one)",
-        ) from exc
+    ports = range(port, min(port + processes, 65536)) if port else range(0, 1)
+    for candidate in ports:
+        try:
+            return start_metrics_server(metrics, candidate)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and candidate != ports[-1]:
+                continue  # a sibling ingress process has it
+            # the launcher shows this line to the operator: say which ports and what to do
+            tried = f"{ports[0]}-{ports[-1]}" if len(ports) > 1 else str(port)
+            raise OSError(
+                exc.errno,
+                f"cannot serve metrics on 127.0.0.1:{tried}: {exc.strerror} "
+                "(choose another with --metrics-port, 0 for a free one)",
+            ) from exc
+    return None  # not reached: the last port returns or raises
+
+
+def generalist_costs(args: AppArgs) -> tuple[CostModel, dict[str, CostModel]]:
+    """The box's cost model, and one per generalist that has its own price or accelerators."""
+    gpus = max((g.num_gpus for g in args.all_generalists()), default=0)
+    box = CostModel(price_per_hour=args.price_per_hour, currency=args.currency, accelerators=gpus)
+    own = {
+        g.name: CostModel(
+            price_per_hour=args.price_per_hour if g.price_per_hour is None else g.price_per_hour,
+            currency=args.currency,
+            accelerators=g.num_gpus,
+        )
+        for g in args.all_generalists()
+        if g.price_per_hour is not None or g.num_gpus != gpus
+    }
+    return box, own
 
 
 def build_router(
-    args: AppArgs, home: Path, generalist: GeneralistClient | None, cost: CostModel, metrics: ServingMetrics
+    args: AppArgs,
+    home: Path,
+    generalists: Mapping[str, GeneralistClient],
+    cost: CostModel,
+    metrics: ServingMetrics,
+    costs: Mapping[str, CostModel] | None = None,
 ) -> Cascade:
-    """The cascade router with its escalation store and cost model."""
+    """The cascade router with its escalation store, cost models and per-model settings."""
     from appliance.router.escalations import EscalationStore
     from appliance.router.metrics import RouterMetrics
+    from appliance.router.retrieval import SpecialistRetriever
 
     # strict=False: a damaged database refuses escalations, and never stops the server from starting
     store = EscalationStore(
         home / "escalations" / "escalations.db", store_texts=args.store_escalation_texts, strict=False
     )
+    settings = {
+        model: ModelEscalation(generalist=s.generalist, demonstrations=s.demonstrations)
+        for model, s in args.escalation.items()
+    }
     return Cascade(
-        generalist, store, cost, RouterMetrics(metrics.registry), max_waiting=args.max_waiting_escalations
+        dict(generalists),
+        store,
+        cost,
+        RouterMetrics(metrics.registry),
+        max_waiting=args.max_waiting_escalations,
+        generalist_costs=costs,
+        settings=settings,
+        retriever=SpecialistRetriever() if any(s.demonstrations for s in settings.values()) else None,
     )
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """The Serve application builder (``import_path: appliance.serve.app:build_app``)."""
+def build_app(args: dict[str, Any], placement: IngressPlacement | None = None) -> Application:
+    """The Serve application builder (``import_path: appliance.serve.app:build_app``).
+
+    ``placement`` (default: the connected cluster's, serve/placement.py) sets one replica per
+    ``appliance_ingress`` unit; the watcher in ``appliance serve`` passes the new one as nodes change."""
     a = AppArgs.model_validate(args)
     home = str(Path(a.home).resolve() if a.home else appliance_home())
     env = {**OFFLINE_ENV, "APPLIANCE_HOME": home}
-    generalist = generalist_app(a.generalist) if a.generalist is not None else None
+    generalists = {g.name: generalist_app(g) for g in a.all_generalists()}
+    bound = {**a.model_dump(), "home": home}
+    placement = placement or current_placement()
+    placed: dict[str, Any] = {}
+    if placement.resources:  # a stable version: a change of num_replicas alone restarts no replica
+        version = deployment_version(bound)
+        placed = {"num_replicas": placement.num_replicas, "version": version, "_internal": True}
     ingress: Application = Ingress.options(  # type: ignore[attr-defined]  # @serve.deployment made it a Deployment
-        ray_actor_options={"num_cpus": a.ingress_cpus, "runtime_env": {"env_vars": env}},
-    ).bind({**a.model_dump(), "home": home}, generalist)
+        ray_actor_options={
+            "num_cpus": a.ingress_cpus,
+            "resources": placement.resources,
+            "runtime_env": {"env_vars": env},
+        },
+        **placed,
+    ).bind(bound, generalists)
     return ingress

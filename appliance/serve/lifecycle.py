@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 from appliance.config import LOCAL_RAY_ENV, OFFLINE_ENV, appliance_home, apply_offline_env, state_dir
 from appliance.serve.app import APP_NAME, AppArgs, build_app
+from appliance.serve.home_mirror import start_source
+from appliance.serve.node import INGRESS_RESOURCE
+from appliance.serve.placement import IngressPlacement, following_nodes
 
 log = logging.getLogger(__name__)
 RUN_FILE = "server.json"
@@ -71,7 +74,9 @@ class Running:
     owns_ray: bool
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
+def _init_ray(address: str | None, num_cpus: int | None, ingress: int = 1) -> bool:
+    """Join ``address`` (whose nodes advertise their own ingress count), or start a local Ray
+    that takes ``ingress`` ingress processes."""
     import ray
 
     apply_offline_env()
@@ -88,6 +93,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     runtime_env = {"env_vars": {**env, **LOCAL_RAY_ENV}}
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
+        resources={INGRESS_RESOURCE: ingress},
         include_dashboard=False,
         runtime_env=runtime_env,
         log_to_driver=False,
@@ -144,7 +150,9 @@ def running(
         ensure_local_pki(home / "pki")
     if args.auth:
         ensure_local_admin_token()
-    owns_ray = _init_ray(address, num_cpus)
+    owns_ray = _init_ray(address, num_cpus, args.ingress_count)
+    # In a cluster, this node's home is the one the other nodes mirror (serve/home_mirror.py).
+    source = start_source(home) if address else None
     if stop is not None:
         _stop_on_signals(stop)
     try:
@@ -154,13 +162,20 @@ def running(
         except RuntimeError as exc:  # "Deploying application appliance failed": say why
             raise DeployFailed(_deploy_failure() or str(exc)) from exc
         info = handle.address.remote().result()
-        yield Running(info["host"], int(info["port"]), bool(info["tls"]), info["metrics_port"], owns_ray)
+
+        def redeploy(placement: IngressPlacement) -> None:
+            serve.run(build_app(args.model_dump(), placement), name=APP_NAME, route_prefix=None)
+
+        with following_nodes(redeploy, enabled=address is not None):  # nodes join and leave a cluster
+            yield Running(info["host"], int(info["port"]), bool(info["tls"]), info["metrics_port"], owns_ray)
     finally:
         try:
             serve.delete(APP_NAME)
             if owns_ray:
                 serve.shutdown()
         finally:
+            if source is not None:
+                ray.kill(source)
             if owns_ray:
                 ray.shutdown()
 

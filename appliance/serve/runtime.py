@@ -45,6 +45,7 @@ from appliance.loop.shadow import DEFAULT_QUEUE, ShadowRunner, ShadowStore, shad
 from appliance.router.interface import Router
 from appliance.serve.batcher import Batcher, BatchStats, Item
 from appliance.serve.metrics import ServingMetrics
+from appliance.serve.statistics import InferenceStatistics, ModelCounters, ModelKey, current_request
 from appliance.store import ModelStore, parse_ref
 from appliance.types import (
     ClassifyOutcome,
@@ -78,6 +79,9 @@ class RuntimeSettings:
     # 0: one ORT thread per batch and one batch in flight per core. Short texts make small GEMMs,
     # where threads of one call spend more time meeting than computing (bench/PERF.md).
     intra_op_threads: int = 0
+    # Cores this process's batches may keep busy (with intra_op_threads 0: batches in flight);
+    # 0: its whole CPU set. Several ingress processes on a node each take their share.
+    cores: int = 0
     max_loaded_models: int = 64
     load_on_demand: bool = True
     versions_kept: int = 2  # the serving version and the one before it, for rollback
@@ -205,13 +209,19 @@ class EncoderLane:
     """One shared encoder: its session, its batcher and the heads that use it."""
 
     def __init__(
-        self, encoder_id: str, encoder: OnnxEncoder, policy: BatchSettings, metrics: ServingMetrics
+        self,
+        encoder_id: str,
+        encoder: OnnxEncoder,
+        policy: BatchSettings,
+        metrics: ServingMetrics,
+        statistics: InferenceStatistics | None = None,
     ) -> None:
         self.encoder_id = encoder_id
         self.encoder = encoder
         self.threads = encoder.session.get_session_options().intra_op_num_threads or 1
         self.heads = HeadTable([])
         self._metrics = metrics
+        self._statistics = statistics or InferenceStatistics()
         label = encoder_id[:12]
         self.batcher: Batcher[_RowResult] = Batcher(
             self._run, policy, name=f"enc-{label}", on_batch=self._observe
@@ -261,6 +271,18 @@ class EncoderLane:
         self._metrics.batch_tokens.labels(label).inc(stats.real_tokens)
         self._metrics.batch_padding.labels(label).inc(stats.padded_tokens - stats.real_tokens)
         self._metrics.queue_depth.labels(label).set(depth)
+        self._statistics.executed(_row_models(stats.payloads))
+
+
+def _row_models(payloads: Sequence[_Work]) -> list[ModelKey]:
+    """The model versions a batch's rows ran for (embed rows run for none)."""
+    keys: list[ModelKey] = []
+    for work in payloads:
+        if work.classify is not None:
+            keys.append(work.classify.model.key)
+        if work.extract is not None:
+            keys.append((work.extract.extractor.name, work.extract.extractor.version))
+    return keys
 
 
 class ServingRuntime:
@@ -274,6 +296,7 @@ class ServingRuntime:
         self.settings = settings
         self.store = store or ModelStore()
         self.metrics = metrics or ServingMetrics()
+        self.statistics = InferenceStatistics()  # per model version, for KServe ModelStatistics
         self.router = router  # None: specialist-only
         # name -> the version answering a bare "NAME": only LoadModel (an admin) or the durable
         # choice read at start sets it; a pinned "NAME:VERSION" request never does.
@@ -354,7 +377,8 @@ class ServingRuntime:
     def _batch_policy(self) -> BatchSettings:
         policy = self.settings.batch
         if self.settings.intra_op_threads == 0:
-            return policy.model_copy(update={"concurrent_batches": max(policy.concurrent_batches, cores())})
+            budget = self.settings.cores or cores()
+            return policy.model_copy(update={"concurrent_batches": max(policy.concurrent_batches, budget)})
         return policy
 
     def _open(self, ref: str) -> Served:
@@ -431,7 +455,7 @@ class ServingRuntime:
         spec = loaded.specialist
         encoder_id = spec.manifest.encoder_id
         if encoder_id not in self._lanes:
-            lane = EncoderLane(encoder_id, spec.encoder, self._batch_policy(), self.metrics)
+            lane = EncoderLane(encoder_id, spec.encoder, self._batch_policy(), self.metrics, self.statistics)
             lane.batcher.start()
             self._lanes[encoder_id] = lane
         self._versions[loaded.key] = loaded
@@ -564,6 +588,15 @@ class ServingRuntime:
             available_versions=self.store.versions(manifest.name),
         )
 
+    def statistics_of(self, model: str = "") -> list[tuple[ModelKey, ModelCounters]]:
+        """The counters of the loaded versions of ``model`` ("" for every model, "NAME" for every
+        loaded version of it, "NAME:VERSION" for one); NotFound when none is loaded."""
+        name, version = parse_ref(model) if model else ("", None)
+        keys = [k for k in self._versions if (not name or k[0] == name) and version in (None, k[1])]
+        if name and not keys:
+            raise NotFound(f"model {model!r} is not loaded")
+        return [(key, self.statistics.snapshot(key)) for key in sorted(keys)]
+
     def describe(self, model: str) -> ModelDescription:
         name, version = parse_ref(model)
         loaded = self._lookup(name, version)
@@ -633,7 +666,10 @@ class ServingRuntime:
         lane = self._lane(spec)
         # Off the event loop: a full call of long texts takes the tokenizer a while, and health
         # checks and every other RPC wait for the loop.
+        began = time.monotonic()
         tokenized = await asyncio.to_thread(tokenize_window, spec.encoder, texts)
+        if (timing := current_request()) is not None:
+            timing.tokenized(time.monotonic() - began)
         deadline = None if timeout is None else time.monotonic() + timeout
         results = await lane.batcher.submit([(ids, _Work(classify=row)) for ids in tokenized.ids], deadline)
         return results, tokenized.truncated
@@ -650,7 +686,10 @@ class ServingRuntime:
         is also scored by that classifier from the same encoder pass (its tokens must be the
         classifier's: same encoder, no requested-slot context)."""
         lane = self._lane(extractor)
+        began = time.monotonic()
         encoded, truncated = await asyncio.to_thread(encode_window, extractor, texts, requested_slots)
+        if (timing := current_request()) is not None:
+            timing.tokenized(time.monotonic() - began)
         deadline = None if timeout is None else time.monotonic() + timeout
         items = [
             (enc.ids, _Work(classify=row, extract=_SpanRow(extractor, text, enc)))
@@ -675,11 +714,18 @@ class ServingRuntime:
         policy: Policy | None,
         allow_fallback: bool,
         request_id: str,
+        generalist: str = "",
     ) -> ClassifyOutcome:
         spec = loaded.classifier
         if self.router is not None:
             decisions = await self.router.decide(
-                spec, answers, policy, allow_fallback=allow_fallback, request_id=request_id, texts=list(texts)
+                spec,
+                answers,
+                policy,
+                allow_fallback=allow_fallback,
+                request_id=request_id,
+                texts=list(texts),
+                generalist=generalist or None,
             )
         else:
             decisions = [_specialist_decision(a) for a in answers]
@@ -695,12 +741,16 @@ class ServingRuntime:
         want_probs: bool = False,
         allow_fallback: bool = False,
         request_id: str = "",
+        generalist: str = "",
     ) -> ClassifyOutcome:
         self._check_texts(texts)
         loaded = await self._resolve(model)
-        k = min(max(top_k, 1), len(loaded.classifier.labels))
-        answers = await self._specialist_answers(loaded, texts, k, want_probs, timeout)
-        outcome = await self._decide(loaded, texts, answers, policy, allow_fallback, request_id)
+        with self.statistics.request(loaded.key, len(texts)):
+            k = min(max(top_k, 1), len(loaded.classifier.labels))
+            answers = await self._specialist_answers(loaded, texts, k, want_probs, timeout)
+            outcome = await self._decide(
+                loaded, texts, answers, policy, allow_fallback, request_id, generalist=generalist
+            )
         if ":" not in model:  # the shadow challenger is compared with what bare callers get
             spec = loaded.specialist
             self.shadow.offer(spec.name, spec.version, texts, outcome.decisions, request_id)
@@ -721,7 +771,33 @@ class ServingRuntime:
         self._check_texts(texts)
         self._check_slots(texts, requested_slots)
         extractor = (await self._resolve(model)).extractor
-        fallback = _extraction_route(policy, allow_fallback)
+        with self.statistics.request((extractor.name, extractor.version), len(texts)):
+            return await self._extract(
+                extractor,
+                texts,
+                requested_slots,
+                policy,
+                timeout,
+                allow_fallback,
+                request_id,
+                classify_model,
+                top_k,
+            )
+
+    async def _extract(
+        self,
+        extractor: Extractor,
+        texts: Sequence[str],
+        requested_slots: Sequence[Sequence[str]],
+        policy: Policy | None,
+        timeout: float | None,
+        allow_fallback: bool,
+        request_id: str,
+        classify_model: str,
+        top_k: int,
+    ) -> ExtractOutcome:
+        # Without a router there is no generalist: a policy that needs one is refused (or falls back) now.
+        fallback = _extraction_route(policy, allow_fallback) if self.router is None else False
         classifier = await self._resolve(classify_model) if classify_model else None
         row = None
         if classifier is not None:
@@ -756,15 +832,21 @@ class ServingRuntime:
             )
             for r, truncated in zip(results, truncation, strict=True)
         ]
+        if self.router is not None:  # the span cascade: uncertain texts' spans from the generalist
+            extractions = await self.router.decide_spans(
+                extractor, extractions, policy, allow_fallback, request_id, texts
+            )
         return ExtractOutcome(
             extractor.name, extractor.version, extractor.precision, extractor.labels, extractions, classified
         )
 
     async def embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedOutcome:
         self._check_texts(texts)
-        spec = (await self._resolve(model)).specialist
-        # Rows without a head: the same batcher, token budget, deadlines and queue bound as Classify.
-        results, truncated = await self._batched(spec, texts, None, timeout)
+        loaded = await self._resolve(model)
+        spec = loaded.specialist
+        with self.statistics.request(loaded.key, len(texts)):
+            # Rows without a head: the same batcher, token budget, deadlines and queue bound as Classify.
+            results, truncated = await self._batched(spec, texts, None, timeout)
         vectors = np.stack([r.vector for r in results if r.vector is not None])
         return EmbedOutcome(spec.name, spec.version, vectors, truncated)
 
@@ -776,15 +858,15 @@ def _same_encoder(extractor: Extractor, classifier: Loaded | None) -> bool:
 
 
 def _extraction_route(policy: Policy | None, allow_fallback: bool) -> bool:
-    """Whether the extractor answers as a fallback. Spans have no generalist route yet: a policy
-    that needs one fails as it does for a classifier without a generalist, unless the caller
-    allows the specialist to answer instead."""
+    """Whether the extractor answers as a fallback, on a runtime without a router (so without a
+    generalist): a policy that needs one fails as the cascade fails it, unless the caller allows
+    the specialist to answer instead."""
     if policy in (None, Policy.SPECIALIST_ONLY):
         return False
     if allow_fallback:
         return True
     raise FailedPrecondition(
-        f"policy {policy.value} needs the generalist, which does not extract spans on this appliance; "
+        f"policy {policy.value} needs the generalist, but no generalist is configured on this appliance; "
         "use specialist_only or allow_fallback"
     )
 
