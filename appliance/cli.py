@@ -25,6 +25,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.router.commands",
     "appliance.bundle",
     "appliance.engines.model_pin",
+    "appliance.datasets.commands",
+    "appliance.feedback.commands",
     "appliance.loop.commands",
 )
 

@@ -7,7 +7,7 @@ import json
 import sys
 
 from appliance.errors import ApplianceError
-from appliance.store import ModelStore
+from appliance.store import Manifest, ModelStore
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,7 +66,25 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(manifest.data, indent=2))
+    for notice in forgotten_data(manifest):
+        print(f"notice: {notice}", file=sys.stderr)
     return 0
+
+
+def forgotten_data(manifest: Manifest) -> list[str]:
+    """What a version's lineage names that the dataset store no longer has (deleted: right to forget)."""
+    from appliance.datasets.store import DatasetStore
+
+    lineage = manifest.spec.lineage
+    if lineage is None:
+        return []
+    store = DatasetStore(manifest.folder.parents[2])
+    named = (("training", lineage.train_dataset), ("golden", lineage.golden_dataset))
+    return [
+        f"its {role} set {digest[:12]} was deleted from the dataset store: it cannot be retrained from it"
+        for role, digest in named
+        if digest is not None and not store.exists(digest)
+    ]
 
 
 def run_rm(args: argparse.Namespace) -> int:

@@ -5,8 +5,8 @@ a list of ``DataWarning`` or raises one ``DataError`` that names every row-level
 to a cap), each located by file line (CSV/JSONL) or row (Parquet), so the engineer fixes the file in
 one pass instead of one error per run.
 
-- :mod:`~appliance.dataset.records`: ``LabelledData`` (and its ``LabelledRow``), ``DataError``, ``DataWarning``.
-- :mod:`~appliance.dataset.reading`: ``load_labelled`` and the per-format readers.
+- :mod:`~appliance.dataset.records`: ``LabelledData``, ``LabelledRow``, ``DataError``, ``DataWarning``.
+- :mod:`~appliance.dataset.reading`: ``load_labelled``, the per-format readers, ``validated``.
 - :mod:`~appliance.dataset.quality`: ``inspect_data`` (the warnings) and spreadsheet-formula escaping.
 - :mod:`~appliance.dataset.splitting`: ``stratified_split``, ``few_shot``, ``fingerprint``.
 - :mod:`~appliance.dataset.spans`: ``load_spans`` for span extractors (JSONL spans or DSTC8), with the
@@ -28,6 +28,7 @@ from appliance.dataset.reading import (
     MIN_PER_LABEL,
     SUPPORTED_SUFFIXES,
     load_labelled,
+    validated,
 )
 from appliance.dataset.records import DataError, DataWarning, LabelledData, LabelledRow
 from appliance.dataset.spans import SpanData, SpanExample, load_spans
@@ -56,4 +57,5 @@ __all__ = [
     "load_labelled",
     "load_spans",
     "stratified_split",
+    "validated",
 ]

@@ -94,6 +94,11 @@ def load_labelled(
         data = _collect(path, rows, text_column, label_column, problems, suffix in _PARQUET_SUFFIXES)
     except OSError as e:
         raise DataError(path, None, f"cannot read the file: {e.strerror or e}") from e
+    return validated(data)
+
+
+def validated(data: LabelledData) -> LabelledData:
+    """Rows that did not come from a file (a retrain's) under the checks and warnings of a loaded one."""
     _check_label_counts(data)
     return LabelledData(
         texts=data.texts,

