@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 
 from appliance.batching import BatchSettings
 from appliance.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from appliance.serve.statistics import current_request
 
 T = TypeVar("T")
 
@@ -35,6 +36,8 @@ class Item:
     deadline: float | None  # time.monotonic() seconds
     future: asyncio.Future[Any]
     enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # when its batch started and finished running (monotonic), once it ran
+    finished: float = 0.0
 
     @property
     def length(self) -> int:
@@ -47,6 +50,7 @@ class BatchStats:
     padded_tokens: int
     real_tokens: int
     wall_seconds: float
+    payloads: tuple[Any, ...] = ()  # the rows' payloads, in batch order
 
 
 Runner = Callable[[Sequence[Item]], Sequence[T]]
@@ -96,11 +100,15 @@ class Batcher(Generic[T]):
         self._queue.extend(items)
         self._wakeup.set()
         try:
-            return list(await asyncio.gather(*(item.future for item in items)))
+            results = list(await asyncio.gather(*(item.future for item in items)))
         except asyncio.CancelledError:
             for item in items:  # the caller gave up: don't spend the engine on it
                 item.future.cancel()
             raise
+        timing = current_request()
+        if timing is not None:
+            timing.batched(items[0].enqueued, min(i.started for i in items), max(i.finished for i in items))
+        return results
 
     def _cut(self) -> list[Item]:
         now = time.monotonic()
@@ -169,6 +177,9 @@ class Batcher(Generic[T]):
     async def _run(self, batch: list[Item]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        began = time.monotonic()
+        for item in batch:
+            item.started = began
         try:
             results = await loop.run_in_executor(self._executor, self._runner, batch)
         except Exception as exc:  # an engine failure fails this batch, not the server
@@ -179,12 +190,15 @@ class Batcher(Generic[T]):
         finally:
             self._slots.release()
         wall = time.perf_counter() - started
+        ended = time.monotonic()
         for item, result in zip(batch, results, strict=True):
+            item.finished = ended
             if not item.future.done():
                 item.future.set_result(result)
         if self._on_batch is not None:
             longest = max(item.length for item in batch)
-            stats = BatchStats(len(batch), longest * len(batch), sum(i.length for i in batch), wall)
+            payloads = tuple(item.payload for item in batch)
+            stats = BatchStats(len(batch), longest * len(batch), sum(i.length for i in batch), wall, payloads)
             self._on_batch(stats, len(self._queue))
 
     async def close(self) -> None:
