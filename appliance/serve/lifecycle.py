@@ -24,7 +24,7 @@ from appliance.config import LOCAL_RAY_ENV, OFFLINE_ENV, appliance_home, apply_o
 from appliance.serve.app import APP_NAME, AppArgs, build_app
 from appliance.serve.home_mirror import start_source
 from appliance.serve.node import INGRESS_RESOURCE
-from appliance.serve.placement import IngressPlacement, following_nodes
+from appliance.serve.placement import IngressPlacement, current_placement, following_nodes
 
 log = logging.getLogger(__name__)
 RUN_FILE = "server.json"
@@ -158,7 +158,8 @@ def running(
     try:
         serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
         try:
-            handle = serve.run(build_app(args.model_dump()), name=APP_NAME, route_prefix=None)
+            placement = current_placement()
+            handle = serve.run(build_app(args.model_dump(), placement), name=APP_NAME, route_prefix=None)
         except RuntimeError as exc:  # "Deploying application appliance failed": say why
             raise DeployFailed(_deploy_failure() or str(exc)) from exc
         info = handle.address.remote().result()
@@ -166,7 +167,7 @@ def running(
         def redeploy(placement: IngressPlacement) -> None:
             serve.run(build_app(args.model_dump(), placement), name=APP_NAME, route_prefix=None)
 
-        with following_nodes(redeploy, enabled=address is not None):  # nodes join and leave a cluster
+        with following_nodes(redeploy, placement, enabled=address is not None):  # nodes join and leave
             yield Running(info["host"], int(info["port"]), bool(info["tls"]), info["metrics_port"], owns_ray)
     finally:
         try:
