@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from appliance.serve.statistics import ModelCounters, ModelKey
 from appliance.types import ClassifyOutcome, EmbedOutcome, ExtractOutcome, Limits, ModelDescription, Policy
 
 
@@ -30,11 +31,13 @@ class Backend(Protocol):
         want_probs: bool = False,
         allow_fallback: bool = False,
         request_id: str = "",
+        generalist: str = "",
     ) -> ClassifyOutcome:
         """Classify ``texts`` with ``model`` ("NAME" or "NAME:VERSION").
 
         ``allow_fallback``: when the policy needs the generalist and none is configured, answer
-        with the specialist instead of failing with FAILED_PRECONDITION.
+        with the specialist instead of failing with FAILED_PRECONDITION. ``generalist``: the one
+        escalations go to ("": the model's setting, else the default).
         """
         ...
 
@@ -62,6 +65,11 @@ class Backend(Protocol):
     async def embed(self, model: str, texts: Sequence[str], timeout: float | None = None) -> EmbedOutcome: ...
 
     def list_models(self) -> list[ModelDescription]: ...
+
+    def statistics_of(self, model: str = "") -> list[tuple[ModelKey, ModelCounters]]:
+        """Cumulative inference statistics of the loaded versions of ``model`` ("" for every model,
+        "NAME" for each loaded version, "NAME:VERSION" for one); NotFound when none is loaded."""
+        ...
 
     def describe(self, model: str) -> ModelDescription:
         """Raises NotFound for an unknown or unloaded model."""

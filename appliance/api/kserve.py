@@ -21,6 +21,13 @@ Tensors travel either typed (``contents.bytes_contents`` / ``fp32_contents``) or
 little-endian floats). The response uses the encoding the request used. Like the
 ``appliance.v1`` servicers, this one talks only to a :class:`~appliance.api.backend.Backend`, so
 the same bad input gets the same status on both APIs.
+
+Two of Triton's extensions are answered, so that Triton's tools (perf_analyzer, model analyzer)
+work against the appliance: ``ModelConfig`` describes a model in Triton's terms
+(``max_batch_size`` 0 and each tensor's full shape as ``dims``: the texts of one call are the
+first dimension of ``TEXT``, as in the metadata), and ``ModelStatistics`` reports the runtime's
+cumulative counts and times per loaded model version (:mod:`appliance.serve.statistics` defines
+each one).
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ from appliance._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from appliance.api.backend import Backend
 from appliance.api.boundary import Boundary
 from appliance.api.servicers import request_id
+from appliance.api.workflows import Workflows, infer_workflow, require_model_scope
 from appliance.errors import ApplianceError, InvalidArgument, NotFound
 from appliance.serve.metrics import ServingMetrics
+from appliance.serve.statistics import Duration, ModelCounters, ModelKey
 from appliance.store import parse_version
 from appliance.types import ClassifyOutcome, ExtractOutcome, Limits, ModelDescription
 
@@ -58,6 +67,8 @@ EXTRACTOR = "span_extractor"
 SERVER_NAME = "appliance"
 PLATFORM = "appliance_text_classifier"
 PLATFORMS = {"classifier": PLATFORM, EXTRACTOR: "appliance_span_extractor"}
+# Triton's names for the extensions answered; perf_analyzer asks for statistics only if listed
+EXTENSIONS = ("model_configuration", "statistics")
 _LENGTH = struct.Struct("<I")  # the length prefix of one raw BYTES element
 
 
@@ -294,6 +305,59 @@ def model_metadata(description: ModelDescription) -> pb.ModelMetadataResponse:
     )
 
 
+_DATA_TYPES = {"BYTES": pb.TYPE_STRING, "FP32": pb.TYPE_FP32}
+
+
+def model_config(description: ModelDescription) -> pb.ModelConfig:
+    """Triton's view of a model. ``max_batch_size`` 0 says that ``dims`` are the whole shapes, the
+    metadata's: Triton's batched form would give each text a shape of its own (``[-1, 1]``), which
+    KServe clients of ``TEXT [-1]`` do not send."""
+    metadata = model_metadata(description)
+
+    def dims(tensor: pb.ModelMetadataResponse.TensorMetadata) -> list[int]:
+        return list(tensor.shape)
+
+    return pb.ModelConfig(
+        name=description.name,
+        platform=metadata.platform,
+        backend=SERVER_NAME,
+        max_batch_size=0,
+        input=[
+            pb.ModelInput(name=t.name, data_type=_DATA_TYPES[t.datatype], dims=dims(t))
+            for t in metadata.inputs
+        ],
+        output=[
+            pb.ModelOutput(name=t.name, data_type=_DATA_TYPES[t.datatype], dims=dims(t))
+            for t in metadata.outputs
+        ],
+        dynamic_batching=pb.ModelDynamicBatching(),  # texts of many calls share encoder batches
+    )
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def model_statistics(key: ModelKey, counters: ModelCounters) -> pb.ModelStatistics:
+    return pb.ModelStatistics(
+        name=key[0],
+        version=str(key[1]),
+        last_inference=counters.last_inference_ms,
+        inference_count=counters.inference_count,
+        execution_count=counters.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(counters.success),
+            fail=_duration(counters.fail),
+            queue=_duration(counters.queue),
+            compute_input=_duration(counters.compute_input),
+            compute_infer=_duration(counters.compute_infer),
+            compute_output=_duration(counters.compute_output),
+            cache_hit=pb.StatisticDuration(),
+            cache_miss=pb.StatisticDuration(),
+        ),
+    )
+
+
 def reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
     """A descriptor pool for server reflection: the KServe proto plus ``files`` and their imports.
 
@@ -324,8 +388,11 @@ def reflection_pool(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over a Backend."""
 
-    def __init__(self, backend: Backend, metrics: ServingMetrics | None = None) -> None:
+    def __init__(
+        self, backend: Backend, metrics: ServingMetrics | None = None, workflows: Workflows | None = None
+    ) -> None:
         self._backend = backend
+        self._workflows = workflows  # ModelInfer on a published workflow's name runs it
         self._version = _server_version()
         self._boundary = Boundary("GRPCInferenceService", metrics)
 
@@ -364,7 +431,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         async def run() -> pb.ServerMetadataResponse:
-            return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+            return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
         return await self._boundary.unary(context, "ServerMetadata", run)
 
@@ -383,10 +450,34 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._boundary.unary(context, "ModelMetadata", run, request.name)
 
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        async def run() -> pb.ModelConfigResponse:
+            ref = _model_ref(request.name, request.version)
+            return pb.ModelConfigResponse(config=model_config(self._backend.describe(ref)))
+
+        return await self._boundary.unary(context, "ModelConfig", run, request.name)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        async def run() -> pb.ModelStatisticsResponse:
+            if request.version and not request.name:
+                raise InvalidArgument("model_version needs a model name")
+            ref = _model_ref(request.name, request.version) if request.name else ""
+            stats = self._backend.statistics_of(ref)
+            return pb.ModelStatisticsResponse(model_stats=[model_statistics(k, c) for k, c in stats])
+
+        return await self._boundary.unary(context, "ModelStatistics", run, request.name)
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         async def run() -> pb.ModelInferResponse:
+            if self._workflows is not None and self._workflows.exists(request.model_name):
+                return await infer_workflow(self._workflows, request, context, self._backend.limits)
+            require_model_scope(context, request.model_name)
             _model_ref(request.model_name, request.model_version)
             try:
                 parsed = parse_infer_request(request, self._backend.limits)
