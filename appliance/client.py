@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from appliance._proto.appliance.v1 import appliance_pb2 as pb
 from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
 from appliance.config import appliance_home
+from appliance.failover import channel_options, channel_target
 
 POLICIES = {
     None: pb.POLICY_UNSPECIFIED,
@@ -206,6 +207,7 @@ class Connection:
     ) -> Connection:
         home = appliance_home()
         run = home / "run" / "server.json"
+        server_name: str | None = None,
         info: dict[str, Any] = json.loads(run.read_text()) if run.is_file() else {}
         if address is None:
             if not info:
@@ -224,7 +226,7 @@ class Connection:
         cert = key = None
         if client_name:
             cert, key = pki / "clients" / f"{client_name}.crt", pki / "clients" / f"{client_name}.key"
-        return cls(address, tls, pki / "ca.crt" if tls else None, cert, key, token)
+        return cls(address, tls, pki / "ca.crt" if tls else None, cert, key, token, server_name)
 
     def metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")] if self.token else []
@@ -238,8 +240,13 @@ class Connection:
     def options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
         if self.server_name:
+    @property
+    def target(self) -> str:
+        """The gRPC target: one endpoint, or several balanced by one channel (appliance/failover.py)."""
+        return channel_target(self.address)
+
             opts.append(("grpc.ssl_target_name_override", self.server_name))
-        return opts
+        return opts + channel_options(self.address)
 
 
 def _classify_request(
@@ -288,9 +295,9 @@ class Client:
         self.connection = connection or Connection.discover()
         c = self.connection
         self.channel = (
-            grpc.secure_channel(c.address, c.credentials(), c.options())
+            grpc.secure_channel(c.target, c.credentials(), c.options())
             if c.tls
-            else grpc.insecure_channel(c.address, c.options())
+            else grpc.insecure_channel(c.target, c.options())
         )
         self._inference = pb_grpc.InferenceServiceStub(self.channel)
         self._models = pb_grpc.ModelServiceStub(self.channel)
@@ -401,9 +408,9 @@ class AsyncClient:
         self.connection = connection or Connection.discover()
         c = self.connection
         self.channel = (
-            grpc.aio.secure_channel(c.address, c.credentials(), c.options())
+            grpc.aio.secure_channel(c.target, c.credentials(), c.options())
             if c.tls
-            else grpc.aio.insecure_channel(c.address, c.options())
+            else grpc.aio.insecure_channel(c.target, c.options())
         )
         self._inference = pb_grpc.InferenceServiceStub(self.channel)
         self._models = pb_grpc.ModelServiceStub(self.channel)

@@ -42,7 +42,14 @@ def _common(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--file", type=Path, help="one text per line")
     parser.add_argument("--policy", choices=POLICY_CHOICES)
     parser.add_argument("--allow-fallback", action="store_true")
-    parser.add_argument("--address", help="host:port (default: the local appliance)")
+    parser.add_argument(
+        "--address",
+        help="host:port, a comma list of them, or dns:///NAME:PORT; several are balanced and failed over "
+        "(default: the local appliance)",
+    )
+    parser.add_argument(
+        "--server-name", help="the name every node's certificate carries (needed with several endpoints)"
+    )
 
 
 Answer = Callable[["Client", list[str]], Iterator[dict[str, Any]]]
@@ -96,7 +103,7 @@ def _run(ns: argparse.Namespace, answer: Answer) -> int:
         print("error: give texts as arguments or with --file", file=sys.stderr)
         return 2
     try:
-        with Client(Connection.discover(address=ns.address)) as client:
+        with Client(Connection.discover(address=ns.address, server_name=ns.server_name)) as client:
             for start in range(0, len(texts), BATCH):
                 for row in answer(client, texts[start : start + BATCH]):
                     print(json.dumps(row, ensure_ascii=False), flush=True)
