@@ -204,10 +204,10 @@ class Connection:
         token: str | None = None,
         tls: bool | None = None,
         client_name: str | None = None,
+        server_name: str | None = None,
     ) -> Connection:
         home = appliance_home()
         run = home / "run" / "server.json"
-        server_name: str | None = None,
         info: dict[str, Any] = json.loads(run.read_text()) if run.is_file() else {}
         if address is None:
             if not info:
@@ -237,14 +237,14 @@ class Connection:
 
         return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
-    def options(self) -> list[tuple[str, Any]]:
-        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
-        if self.server_name:
     @property
     def target(self) -> str:
         """The gRPC target: one endpoint, or several balanced by one channel (appliance/failover.py)."""
         return channel_target(self.address)
 
+    def options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
+        if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return opts + channel_options(self.address)
 
