@@ -93,6 +93,8 @@ class Extraction:
     cost: Cost
     escalation_id: str = ""
     fallback: bool = False
+    # Spans the generalist claimed that are not in the text as sent: dropped, never answered.
+    dropped_generalist_spans: int = 0
 
 
 @dataclass(frozen=True)

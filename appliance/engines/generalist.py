@@ -12,7 +12,9 @@ error instead of a vLLM one:
   Serve replica fails its health check so that Serve replaces it.
 
 Zero-shot classification constrains the output to exactly one label with vLLM's structured
-outputs (``choice``), so the answer is always a member of the label set.
+outputs (``choice``), so the answer is always a member of the label set. Field extraction
+constrains it with a JSON schema (:func:`span_schema`): a list of ``{label, text}`` whose labels
+are the extractor's slots; whether each text is really in the input is the router's check.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from appliance.engines.generalist_api import (
     Generalist,
     GenerationChunk,
     Placement,
+    SpanAnswer,
+    SpanClaim,
     ZeroShotResult,
 )
 from appliance.engines.generalist_args import GeneralistArgs
@@ -51,6 +55,12 @@ if TYPE_CHECKING:
 
 GiB = 1 << 30
 MAX_STOP_SEQUENCES = 16
+# Extraction answers: at most this many spans of at most this many characters each. Slots are a
+# few words; the bounds keep the worst-case answer, and so its token budget, small.
+MAX_SPANS = 8
+MAX_SPAN_CHARS = 48
+# A JSON string spends at most 6 bytes on a character (a \uXXXX escape).
+JSON_BYTES_PER_CHAR = 6
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -91,6 +101,7 @@ class GeneralistEngine(Generalist):
         verify_model(self.model_path)
         # The engine core and its workers inherit os.environ: no telemetry, no hub.
         apply_offline_env()
+        from vllm.config.structured_outputs import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -121,6 +132,12 @@ class GeneralistEngine(Generalist):
             generation_config="vllm",
             disable_log_stats=True,
             enable_log_requests=False,
+            # JSON answers without whitespace between tokens: an extraction's token budget counts
+            # none, and a weak model would otherwise spend it on blanks (an engine-wide setting,
+            # xgrammar's; it takes the label choices and JSON schemas this engine sends).
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=True
+            ),
             **kv_cache,
         )
         self._engine = AsyncLLM.from_engine_args(args)
@@ -425,6 +442,86 @@ class GeneralistEngine(Generalist):
             engine_seconds=seconds,
         )
 
+    # ----------------------------------------------------------------- extraction
+
+    def _extraction_prompt(
+        self, text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None
+    ) -> list[int]:
+        described = descriptions or {}
+        slot_lines = "\n".join(
+            f"- {label}: {described[label]}" if described.get(label) else f"- {label}" for label in labels
+        )
+        body = (
+            "Find the fields of the text. Copy each field's words exactly as they appear in the text.\n\n"
+            f"Slots:\n{slot_lines}\n\n"
+            f"Text: {text}\n\n"
+            'Answer in JSON: {"spans": [{"label": "<slot>", "text": "<the words>"}]}, in text order, '
+            "with an empty list when the text holds none."
+        )
+        if self.tokenizer.chat_template:
+            return self._encode(None, [{"role": "user", "content": body}])
+        return self._encode(f"{body}\nJSON:", None)
+
+    async def extract(
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> SpanAnswer:
+        """The fields of ``text`` (greedy; output constrained to :func:`span_schema` over ``labels``).
+
+        As many spans are allowed as the window leaves room for, up to :data:`MAX_SPANS`;
+        InvalidArgument when not even one fits.
+        """
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        engine = self._require_engine()
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidArgument("text must be a non-empty string")
+        _check_labels(labels, descriptions, minimum=1)
+        ids = self._extraction_prompt(text, labels, descriptions)
+        room = self._room_for_output(len(ids), "the extraction prompt with this text")
+        max_chars = min(len(text), MAX_SPAN_CHARS)
+        max_spans = MAX_SPANS
+        while max_spans > 0 and span_budget(labels, max_spans, max_chars) > room:
+            max_spans -= 1
+        if max_spans == 0:
+            raise InvalidArgument(
+                f"the extraction prompt with this text is {len(ids)} tokens and one span may need "
+                f"{span_budget(labels, 1, max_chars)}; the generalist's window is {self.max_model_len} "
+                "tokens. Shorten the text."
+            )
+        schema = span_schema(labels, max_spans, max_chars)
+        params = SamplingParams(
+            max_tokens=span_budget(labels, max_spans, max_chars),
+            temperature=0.0,
+            logprobs=0,
+            # No whitespace between JSON tokens (the engine's setting): the budget above counts none.
+            structured_outputs=StructuredOutputsParams(json=schema),
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        with self._slot():
+            began = time.perf_counter()
+            final: RequestOutput | None = None
+            async for out in self._submit(engine, ids, params, request_id or _new_id("ex")):
+                final = out
+            seconds = time.perf_counter() - began
+        if final is None:
+            raise Unavailable("the generalist engine ended the request without an answer")
+        answer = final.outputs[0]
+        claims = parse_span_answer(answer.text, labels)
+        steps = cast("Sequence[LogprobsOnePosition]", answer.logprobs or [])
+        logprob = sum(step[token].logprob for token, step in zip(answer.token_ids, steps, strict=True))
+        return SpanAnswer(
+            spans=claims,
+            confidence=min(1.0, math.exp(logprob)),
+            prompt_tokens=len(ids),
+            completion_tokens=len(answer.token_ids),
+            engine_seconds=seconds,
+        )
+
 
 def classification_body(
     text: str,
@@ -450,6 +547,50 @@ def classification_body(
     )
 
 
+def span_schema(labels: Sequence[str], max_spans: int, max_chars: int) -> dict[str, Any]:
+    """The JSON schema of an extraction answer: ``{"spans": [{"label": <slot>, "text": ...}]}``."""
+    span = {
+        "type": "object",
+        "properties": {
+            "label": {"enum": list(labels)},
+            "text": {"type": "string", "minLength": 1, "maxLength": max_chars},
+        },
+        "required": ["label", "text"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"spans": {"type": "array", "items": span, "maxItems": max_spans}},
+        "required": ["spans"],
+        "additionalProperties": False,
+    }
+
+
+def span_budget(labels: Sequence[str], max_spans: int, max_chars: int) -> int:
+    """Generated tokens that always suffice for the longest answer :func:`span_schema` allows
+    (written without whitespace), plus the end-of-sequence token. As for labels, no byte-level or
+    byte-fallback tokenizer needs more tokens than the answer has UTF-8 bytes."""
+    # A label is written as JSON, escaped or not: count the longer spelling.
+    label = max(len(json.dumps(x).encode()) for x in labels)
+    label = max(label, *(len(json.dumps(x, ensure_ascii=False).encode()) for x in labels))
+    item = len('{"label":,"text":""}') + label + JSON_BYTES_PER_CHAR * max_chars
+    return len('{"spans":[]}') + max_spans * item + (max_spans - 1) + 1
+
+
+def parse_span_answer(answer: str, labels: Sequence[str]) -> list[SpanClaim]:
+    """The spans of a schema-constrained answer; ApplianceError if it is not one (the grammar
+    should make that impossible: say so rather than guess)."""
+    try:
+        items = json.loads(answer)["spans"]
+        claims = [SpanClaim(label=item["label"], text=item["text"]) for item in items]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ApplianceError(f"constrained output {answer[:200]!r} is not an extraction answer: {e}") from e
+    known = set(labels)
+    if not all(c.label in known and isinstance(c.text, str) for c in claims):
+        raise ApplianceError(f"constrained output {answer[:200]!r} names a slot outside {sorted(known)}")
+    return claims
+
+
 def _shut_down(box: list[AsyncLLM]) -> None:
     box.pop().shutdown()
 
@@ -468,9 +609,10 @@ def _check_messages(messages: object) -> None:
             raise InvalidArgument(f"messages[{i}].content must be a string")
 
 
-def _check_labels(labels: object, descriptions: Mapping[str, str] | None) -> None:
-    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) < 2:
-        raise InvalidArgument("labels must be a list of at least two strings")
+def _check_labels(labels: object, descriptions: Mapping[str, str] | None, minimum: int = 2) -> None:
+    """``minimum``: a classification needs two labels to choose from; an extractor may have one slot."""
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) < minimum:
+        raise InvalidArgument(f"labels must be a list of at least {minimum} strings")
     if not all(isinstance(label, str) and label.strip() == label and label for label in labels):
         raise InvalidArgument("every label must be a non-empty string without surrounding whitespace")
     if len(set(labels)) != len(labels):

@@ -62,6 +62,35 @@ class ZeroShotResult:
 
 
 @dataclass(frozen=True)
+class SpanClaim:
+    """A field as the generalist states it: a slot and the words it copied from the text.
+
+    It names no offsets: a language model copies words well and counts characters badly, so the
+    router finds the words in the text itself (:func:`appliance.router.span_cascade.place_claims`)
+    and drops any claim that is not there.
+    """
+
+    label: str
+    text: str
+
+
+@dataclass(frozen=True)
+class SpanAnswer:
+    """The fields the generalist found in one text.
+
+    ``confidence`` is the probability of the whole answer under the schema-constrained
+    distribution (as :class:`ZeroShotResult`'s, over every generated token); each of its spans
+    carries it.
+    """
+
+    spans: list[SpanClaim]
+    confidence: float
+    prompt_tokens: int
+    completion_tokens: int
+    engine_seconds: float
+
+
+@dataclass(frozen=True)
 class Placement:
     """What the generalist's engine holds while it works, so that its time can be priced."""
 
@@ -70,7 +99,8 @@ class Placement:
 
 
 class Generalist(Protocol):
-    """A local LLM that classifies under a label constraint and streams generations."""
+    """A local LLM that classifies under a label constraint, extracts fields under a JSON schema and
+    streams generations."""
 
     @property
     def ready(self) -> bool:
@@ -101,6 +131,17 @@ class Generalist(Protocol):
     ) -> ZeroShotResult:
         """Exactly one of ``labels`` for ``text``; ``demonstrations`` (labelled examples) go in the
         prompt before it."""
+        ...
+
+    async def extract(
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> SpanAnswer:
+        """The fields of ``text`` whose slot is one of ``labels`` (output constrained by a JSON
+        schema that names them)."""
         ...
 
     def generate(

@@ -145,3 +145,19 @@ def share(wall_seconds: float, threads: int, tokens_per_text: Sequence[int]) -> 
     parts = [total * w for w in weights[:-1]]
     parts.append(max(0.0, total - math.fsum(parts)))
     return parts
+
+
+def engine_shares(
+    spans: Sequence[tuple[float, float]], engine_seconds: Sequence[float], tokens: Sequence[int]
+) -> list[float]:
+    """Each of one call's concurrent generalist requests' part of the engine's time.
+
+    The engine batches them, so together they cost the span from the first start to the last end
+    (``spans``: (start, end) per request), capped at the sum of the engine's own per-request
+    times; that is split by tokens.
+    """
+    if not spans:
+        return []
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    busy = min(wall, sum(max(0.0, s) for s in engine_seconds))
+    return share(max(0.0, busy), 1, tokens)

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
-from appliance.types import Decision, Route
+from appliance.types import Cost, Decision, Extraction, Route
 
 
 class _Collectors:
@@ -46,6 +46,12 @@ class _Collectors:
         self.fallbacks = Counter(
             "appliance_fallbacks",
             "decisions the specialist answered because the generalist was needed but absent",
+            ["model"],
+            registry=r,
+        )
+        self.dropped_spans = Counter(
+            "appliance_generalist_spans_dropped",
+            "spans the generalist returned that are not in the text at the offsets found, dropped",
             ["model"],
             registry=r,
         )
@@ -84,13 +90,26 @@ class RouterMetrics:
 
     def observe(self, model: str, decisions: Iterable[Decision], fallbacks: int = 0) -> None:
         """Count one request's decisions (summed per route first: one increment per series)."""
+        self._count(model, ((d.route, d.cost) for d in decisions), fallbacks)
+
+    def observe_extractions(
+        self, model: str, extractions: Iterable[Extraction], fallbacks: int = 0, dropped: int = 0
+    ) -> None:
+        """Count one Extract request: each text is a decision, on the generalist's route when it
+        was escalated; ``dropped``: the generalist's spans that were not in their text."""
+        routed = ((Route.GENERALIST if e.escalation_id else Route.SPECIALIST, e.cost) for e in extractions)
+        self._count(model, routed, fallbacks)
+        if dropped:
+            self._c.dropped_spans.labels(model).inc(dropped)
+
+    def _count(self, model: str, decisions: Iterable[tuple[Route, Cost]], fallbacks: int) -> None:
         totals: dict[Route, list[float]] = {}
-        for d in decisions:
-            t = totals.setdefault(d.route, [0, 0.0, 0.0, 0.0])
+        for route, cost in decisions:
+            t = totals.setdefault(route, [0, 0.0, 0.0, 0.0])
             t[0] += 1
-            t[1] += d.cost.core_seconds
-            t[2] += d.cost.accelerator_seconds
-            t[3] += d.cost.price
+            t[1] += cost.core_seconds
+            t[2] += cost.accelerator_seconds
+            t[3] += cost.price
         c = self._c
         for route, (count, core, accel, price) in totals.items():
             c.decisions.labels(model, route.value).inc(count)

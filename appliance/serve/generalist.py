@@ -4,6 +4,7 @@ The ingress holds a :class:`GeneralistClient`, which implements
 :class:`appliance.engines.generalist_api.Generalist` over the deployment's handle::
 
     result = await client.classify(text, labels, descriptions)   # ZeroShotResult
+    answer = await client.extract(text, slots, descriptions)      # SpanAnswer
     async for chunk in client.generate(prompt="..."):             # GenerationChunk, the last priced
         ...
 
@@ -31,9 +32,10 @@ from appliance.engines.generalist_api import (
     Generalist,
     GenerationChunk,
     Placement,
+    SpanAnswer,
     ZeroShotResult,
 )
-from appliance.engines.generalist_args import GeneralistArgs
+from appliance.engines.generalist_args import DEFAULT_NAME, GeneralistArgs
 from appliance.errors import ApplianceError, InvalidArgument, ResourceExhausted, Unavailable
 from appliance.router.cost import CostModel, price_generalist
 
@@ -96,6 +98,15 @@ class GeneralistDeployment:
     ) -> ZeroShotResult:
         return await self._engine.classify(text, labels, descriptions, request_id, demonstrations)
 
+    async def extract(
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> SpanAnswer:
+        return await self._engine.extract(text, labels, descriptions, request_id)
+
     async def generate(self, request: Mapping[str, Any]) -> AsyncIterator[GenerationChunk]:
         """Stream a generation; ``request`` holds :meth:`GeneralistEngine.generate`'s arguments."""
         if not isinstance(request, Mapping):
@@ -112,8 +123,11 @@ def generalist_app(args: GeneralistArgs) -> Application:
     actor_options: dict[str, Any] = {"num_cpus": 1, "runtime_env": {"env_vars": dict(OFFLINE_ENV)}}
     if args.num_gpus:
         actor_options["num_gpus"] = args.num_gpus
+    # One deployment per named generalist; "default" keeps the class's own name.
+    named = {} if args.name == DEFAULT_NAME else {"name": f"GeneralistDeployment-{args.name}"}
     # @serve.deployment made the class a Deployment, which the type checker cannot see.
     return GeneralistDeployment.options(  # type: ignore[attr-defined]
+        **named,
         num_replicas=args.num_replicas,
         max_ongoing_requests=args.max_concurrency + EXTRA_ONGOING,
         ray_actor_options=actor_options,
@@ -191,6 +205,21 @@ class GeneralistClient(Generalist):
         except Exception as exc:
             raise _mapped(exc) from exc
         return result
+
+    async def extract(
+        self,
+        text: str,
+        labels: Sequence[str],
+        descriptions: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> SpanAnswer:
+        try:
+            answer: SpanAnswer = await self._handle.extract.remote(
+                text, list(labels), dict(descriptions or {}), request_id
+            )
+        except Exception as exc:
+            raise _mapped(exc) from exc
+        return answer
 
     async def generate(
         self,
