@@ -303,6 +303,7 @@ class Client:
         self._models = pb_grpc.ModelServiceStub(self.channel)
         self._admin = pb_grpc.AdminServiceStub(self.channel)
         self._generation = pb_grpc.GenerationServiceStub(self.channel)
+        self._feedback = pb_grpc.FeedbackServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -373,6 +374,20 @@ class Client:
         request = pb.UnloadModelRequest(model=model)
         return self._admin.UnloadModel(request, timeout=timeout, metadata=self.connection.metadata())
 
+    def correct(
+        self,
+        model: str,
+        corrections: Sequence[pb.Correction],
+        *,
+        allow_new_label: bool = False,
+        timeout: float | None = 30.0,
+    ) -> pb.CorrectResponse:
+        """Record corrections of ``model``'s decisions (each on disk before this returns)."""
+        request = pb.CorrectRequest(
+            model=model, corrections=list(corrections), allow_new_label=allow_new_label
+        )
+        return self._feedback.Correct(request, timeout=timeout, metadata=self.connection.metadata())
+
     def generate(
         self,
         prompt: str = "",
@@ -416,6 +431,7 @@ class AsyncClient:
         self._models = pb_grpc.ModelServiceStub(self.channel)
         self._admin = pb_grpc.AdminServiceStub(self.channel)
         self._generation = pb_grpc.GenerationServiceStub(self.channel)
+        self._feedback = pb_grpc.FeedbackServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def __aenter__(self) -> AsyncClient:
@@ -486,6 +502,19 @@ class AsyncClient:
     async def unload_model(self, model: str, *, timeout: float | None = 30.0) -> pb.UnloadModelResponse:
         request = pb.UnloadModelRequest(model=model)
         return await self._admin.UnloadModel(request, timeout=timeout, metadata=self.connection.metadata())
+
+    async def correct(
+        self,
+        model: str,
+        corrections: Sequence[pb.Correction],
+        *,
+        allow_new_label: bool = False,
+        timeout: float | None = 30.0,
+    ) -> pb.CorrectResponse:
+        request = pb.CorrectRequest(
+            model=model, corrections=list(corrections), allow_new_label=allow_new_label
+        )
+        return await self._feedback.Correct(request, timeout=timeout, metadata=self.connection.metadata())
 
     async def generate(
         self,

@@ -26,6 +26,7 @@ from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
 from appliance._proto.inference import grpc_service_pb2 as kserve_pb
 from appliance._proto.inference import grpc_service_pb2_grpc as kserve_grpc
 from appliance.api.backend import Backend
+from appliance.api.feedback import FeedbackServicer
 from appliance.api.kserve import KServeServicer, reflection_pool
 from appliance.api.servicers import AdminServicer, GenerationServicer, InferenceServicer, ModelServicer
 from appliance.api.workflows import Workflows, WorkflowServicer, default_workflows
@@ -47,6 +48,7 @@ INFERENCE_SERVICES = (
 )
 GENERATION_SERVICE = "appliance.v1.GenerationService"
 CONTROL_SERVICES = ("appliance.v1.ModelService", "appliance.v1.AdminService")
+FEEDBACK_SERVICE = "appliance.v1.FeedbackService"
 MiB = 1 << 20
 
 
@@ -95,6 +97,7 @@ class ApplianceServer:
         metrics: ServingMetrics | None = None,
         generalist: Generalist | None = None,
         workflows: Workflows | None = None,
+        feedback: FeedbackServicer | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -102,6 +105,9 @@ class ApplianceServer:
         self.generalist = generalist  # None: no GenerationService
         # published workflows over this backend; None: built at start with the generalist as "default"
         self.workflows = workflows
+        self.feedback = feedback  # None: no FeedbackService
+        # health follows the audit trail's for these
+        self.control_services = (*CONTROL_SERVICES, *([FEEDBACK_SERVICE] if feedback is not None else []))
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -180,10 +186,12 @@ class ApplianceServer:
             pb_grpc.add_GenerationServiceServicer_to_server(
                 GenerationServicer(self.generalist, self.metrics), server
             )
+        if self.feedback is not None:
+            pb_grpc.add_FeedbackServiceServicer_to_server(self.feedback, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [
             *INFERENCE_SERVICES,
-            *CONTROL_SERVICES,
+            *self.control_services,
             *([GENERATION_SERVICE] if self.generalist is not None else []),
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
@@ -197,7 +205,7 @@ class ApplianceServer:
         if port == 0:
             raise FailedPrecondition(f"could not bind {bind}")
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in CONTROL_SERVICES:
+        for name in self.control_services:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server, self.port = server, port
@@ -209,7 +217,7 @@ class ApplianceServer:
 
     # ------------------------------------------------------------------ health
     async def _set_all(self, status: int) -> None:
-        for name in (*INFERENCE_SERVICES, *CONTROL_SERVICES, GENERATION_SERVICE, ""):
+        for name in (*INFERENCE_SERVICES, *self.control_services, GENERATION_SERVICE, ""):
             await self.health.set(name, status)
 
     async def _track_readiness(self) -> None:
@@ -221,7 +229,7 @@ class ApplianceServer:
         while True:
             audit_ok = self.audit_problem() is None
             ready = self.backend.is_ready() and self.tls_problem() is None and audit_ok
-            for name in CONTROL_SERVICES:
+            for name in self.control_services:
                 await self.health.set(name, serving if audit_ok else not_serving)
             for name in INFERENCE_SERVICES:
                 await self.health.set(name, serving if ready else not_serving)

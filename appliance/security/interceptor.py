@@ -85,6 +85,7 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     f"{_V1}ModelService/GetModel": Rule("models:read"),
     f"{_V1}AdminService/LoadModel": Rule("admin"),
     f"{_V1}AdminService/UnloadModel": Rule("admin"),
+    f"{_V1}FeedbackService/Correct": Rule("feedback", "model"),
     f"{_KSERVE}ModelInfer": Rule("classify", "model_name", or_kinds=("extract",)),
     f"{_KSERVE}ServerLive": Rule("models:read"),
     f"{_KSERVE}ServerReady": Rule("models:read"),

@@ -131,6 +131,7 @@ class Ingress:
         self, args: dict[str, Any], generalists: dict[str, DeploymentHandle[Any]] | None = None
     ) -> None:
         apply_offline_env()
+        from appliance.api.feedback import FeedbackServicer
         from appliance.api.server import ApplianceServer, ServerSettings
         from appliance.serve.metrics import ServingMetrics
         from appliance.serve.runtime import RuntimeSettings, ServingRuntime
@@ -184,6 +185,7 @@ class Ingress:
             ),
             metrics=metrics,
             generalist=self.generalist,
+            feedback=FeedbackServicer(router.escalations, ModelStore(home), router.flush, metrics),
         )
         # Serve before the models are warm: health says NOT_SERVING until they are.
         self.port = await self.server.start()

@@ -387,3 +387,59 @@ class UnloadModelResponse(_message.Message):
     UNLOADED_VERSION_FIELD_NUMBER: _ClassVar[int]
     unloaded_version: int
     def __init__(self, unloaded_version: _Optional[int] = ...) -> None: ...
+
+class CorrectedSpan(_message.Message):
+    __slots__ = ("label", "start", "end")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    start: int
+    end: int
+    def __init__(self, label: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class Correction(_message.Message):
+    __slots__ = ("escalation_id", "request_id", "item", "label", "spans", "source")
+    ESCALATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    escalation_id: str
+    request_id: str
+    item: int
+    label: str
+    spans: _containers.RepeatedCompositeFieldContainer[CorrectedSpan]
+    source: str
+    def __init__(self, escalation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., item: _Optional[int] = ..., label: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[CorrectedSpan, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class CorrectRequest(_message.Message):
+    __slots__ = ("model", "corrections", "allow_new_label")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_NEW_LABEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    corrections: _containers.RepeatedCompositeFieldContainer[Correction]
+    allow_new_label: bool
+    def __init__(self, model: _Optional[str] = ..., corrections: _Optional[_Iterable[_Union[Correction, _Mapping]]] = ..., allow_new_label: _Optional[bool] = ...) -> None: ...
+
+class CorrectResult(_message.Message):
+    __slots__ = ("id", "duplicate", "version", "trainable", "note")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    duplicate: bool
+    version: int
+    trainable: bool
+    note: str
+    def __init__(self, id: _Optional[int] = ..., duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., trainable: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+
+class CorrectResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CorrectResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[CorrectResult, _Mapping]]] = ...) -> None: ...

@@ -514,3 +514,102 @@ class AdminService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FeedbackServiceStub:
+    """---------------------------------------------------------------- feedback
+
+    Corrections of decisions: the retraining input. A correction names a decision by its
+    escalation id, or by the request id and the text's position in that request, with the right
+    label (classifiers) or spans (extractors) and who says so. The scope is `feedback:<model>`.
+    Each correction is on disk (fsynced) before the response; the same correction again returns
+    the first one's id (`duplicate`). An unknown id is NOT_FOUND; a label outside the model's
+    labels is INVALID_ARGUMENT unless `allow_new_label` (then a retrain is needed). The call is
+    all or nothing up to the first bad correction: those before it stay recorded.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Correct = channel.unary_unary(
+                '/appliance.v1.FeedbackService/Correct',
+                request_serializer=appliance_dot_v1_dot_appliance__pb2.CorrectRequest.SerializeToString,
+                response_deserializer=appliance_dot_v1_dot_appliance__pb2.CorrectResponse.FromString,
+                _registered_method=True)
+
+
+class FeedbackServiceServicer:
+    """---------------------------------------------------------------- feedback
+
+    Corrections of decisions: the retraining input. A correction names a decision by its
+    escalation id, or by the request id and the text's position in that request, with the right
+    label (classifiers) or spans (extractors) and who says so. The scope is `feedback:<model>`.
+    Each correction is on disk (fsynced) before the response; the same correction again returns
+    the first one's id (`duplicate`). An unknown id is NOT_FOUND; a label outside the model's
+    labels is INVALID_ARGUMENT unless `allow_new_label` (then a retrain is needed). The call is
+    all or nothing up to the first bad correction: those before it stay recorded.
+    """
+
+    def Correct(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FeedbackServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Correct': grpc.unary_unary_rpc_method_handler(
+                    servicer.Correct,
+                    request_deserializer=appliance_dot_v1_dot_appliance__pb2.CorrectRequest.FromString,
+                    response_serializer=appliance_dot_v1_dot_appliance__pb2.CorrectResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'appliance.v1.FeedbackService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('appliance.v1.FeedbackService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FeedbackService:
+    """---------------------------------------------------------------- feedback
+
+    Corrections of decisions: the retraining input. A correction names a decision by its
+    escalation id, or by the request id and the text's position in that request, with the right
+    label (classifiers) or spans (extractors) and who says so. The scope is `feedback:<model>`.
+    Each correction is on disk (fsynced) before the response; the same correction again returns
+    the first one's id (`duplicate`). An unknown id is NOT_FOUND; a label outside the model's
+    labels is INVALID_ARGUMENT unless `allow_new_label` (then a retrain is needed). The call is
+    all or nothing up to the first bad correction: those before it stay recorded.
+    """
+
+    @staticmethod
+    def Correct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.v1.FeedbackService/Correct',
+            appliance_dot_v1_dot_appliance__pb2.CorrectRequest.SerializeToString,
+            appliance_dot_v1_dot_appliance__pb2.CorrectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
