@@ -250,7 +250,13 @@ class Connection:
 
 
 def _classify_request(
-    model: str, texts: Sequence[str], top_k: int, policy: str | None, allow_fallback: bool, request_id: str
+    model: str,
+    texts: Sequence[str],
+    top_k: int,
+    policy: str | None,
+    allow_fallback: bool,
+    request_id: str,
+    generalist: str = "",
 ) -> pb.ClassifyRequest:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; use one of {[p for p in POLICIES if p]}")
@@ -261,6 +267,7 @@ def _classify_request(
         policy=POLICIES[policy],
         allow_fallback=allow_fallback,
         request_id=request_id,
+        generalist=generalist,
     )
 
 
@@ -325,8 +332,9 @@ class Client:
         allow_fallback: bool = False,
         timeout: float | None = 30.0,
         request_id: str = "",
+        generalist: str = "",
     ) -> Classified:
-        request = _classify_request(model, texts, top_k, policy, allow_fallback, request_id)
+        request = _classify_request(model, texts, top_k, policy, allow_fallback, request_id, generalist)
         return _classified(
             self._inference.Classify(request, timeout=timeout, metadata=self.connection.metadata())
         )
@@ -453,8 +461,9 @@ class AsyncClient:
         allow_fallback: bool = False,
         timeout: float | None = 30.0,
         request_id: str = "",
+        generalist: str = "",
     ) -> Classified:
-        request = _classify_request(model, texts, top_k, policy, allow_fallback, request_id)
+        request = _classify_request(model, texts, top_k, policy, allow_fallback, request_id, generalist)
         response = await self._inference.Classify(
             request, timeout=timeout, metadata=self.connection.metadata()
         )

@@ -149,6 +149,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 timeout=remaining(context),
                 allow_fallback=request.allow_fallback,
                 request_id=rid,
+                generalist=request.generalist,
             )
             if self.metrics is not None:
                 self.metrics.texts.labels(outcome.model).inc(len(outcome.decisions))

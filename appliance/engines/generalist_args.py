@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from appliance.errors import InvalidArgument
 
 DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_NAME = "default"  # the single ``generalist:`` form, or a bare ``--generalist PATH``
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 MIN_MAX_MODEL_LEN = 16
 # config.json keys that bound a model's positions, as Hugging Face architectures spell them.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
@@ -30,6 +32,8 @@ class GeneralistArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str  # a local Hugging Face causal-LM folder
+    name: str = Field(DEFAULT_NAME, pattern=NAME_PATTERN)  # what the cascade and requests call it
+    price_per_hour: float | None = Field(None, ge=0)  # its deployment's share of the box; None: the box's
     max_model_len: int | None = Field(None, ge=MIN_MAX_MODEL_LEN)  # None: derived from the model
     kv_cache_gib: float = Field(1.0, gt=0)
     max_concurrency: int = Field(8, ge=1)  # requests in flight; more are refused, not queued

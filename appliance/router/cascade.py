@@ -20,6 +20,11 @@ set), the call fails with FAILED_PRECONDITION, unless the caller allows a fallba
 specialist answers those texts too, counted as fallbacks. Generalist errors propagate with their
 status: RESOURCE_EXHAUSTED when it is saturated, UNAVAILABLE when it is down.
 
+Several generalists may be configured (:mod:`appliance.router.generalists`): a call's
+escalations go to the one the request names, else the model's setting's, else ``default``. A
+model's setting may also ask for k demonstrations: the k nearest examples of its own training set
+(:mod:`appliance.router.retrieval`) are added to the generalist's prompt.
+
 Cost of a generalist answer: the engine batches concurrent requests, so the requests of one call
 share its time. The call is charged the span from the first request's start to the last one's
 end (capped at the sum of the engine's own per-request times); each text gets its share by
@@ -34,17 +39,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from appliance.engines.generalist_api import Generalist, ZeroShotResult
+from appliance.engines.generalist_api import Demonstration, Generalist, ZeroShotResult
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, ResourceExhausted
-from appliance.router.cost import CostModel, generalist_units, price_generalist, share
+from appliance.router.cost import CostModel, price_generalist, share
 from appliance.router.escalations import DecisionRecord, EscalationRecord, EscalationStore
+from appliance.router.generalists import GeneralistPool, ModelEscalation, PricedGeneralist
 from appliance.router.metrics import RouterMetrics
 from appliance.router.policy import check_label_set, needs_generalist, parse_policy, resolve_policy
-from appliance.types import Decision, Policy, Route, SpecialistAnswer
+from appliance.router.retrieval import Retriever
+from appliance.types import Cost, Decision, Policy, Route, SpecialistAnswer
 
 if TYPE_CHECKING:
     from appliance.engines.specialist import Specialist
@@ -96,28 +103,41 @@ FLUSH_INTERVAL_S = 0.5
 class Cascade:
     def __init__(
         self,
-        generalist: Generalist | None,
+        generalist: Generalist | Mapping[str, Generalist] | None,
         escalations: EscalationStore,
         cost: CostModel,
         metrics: RouterMetrics | None = None,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_waiting: int = DEFAULT_MAX_WAITING,
+        generalist_costs: Mapping[str, CostModel] | None = None,
+        settings: Mapping[str, ModelEscalation] | None = None,
+        retriever: Retriever | None = None,
     ) -> None:
+        """``generalist``: one (named ``default``), several by name, or None. ``generalist_costs``
+        prices a named one's time (default: ``cost``, the box's); ``settings`` are per model name."""
         if max_concurrency < 1:
             raise InvalidArgument(f"max_concurrency must be at least 1, got {max_concurrency}")
         if max_waiting < 1:
             raise InvalidArgument(f"max_waiting must be at least 1, got {max_waiting}")
-        self.generalist = generalist
+        self.generalists = GeneralistPool.of(generalist, cost, generalist_costs)
+        default = self.generalists.choose(None, None)
+        self.generalist = default.generalist if default is not None else None  # the default one
         self.escalations = escalations
         self.cost = cost
         self.metrics = metrics
-        if generalist is not None:
-            generalist_units(cost, generalist.placement)  # a placement the cost model cannot price fails now
+        self.settings = dict(settings or {})
+        for model, setting in self.settings.items():
+            if setting.generalist is not None and setting.generalist not in self.generalists.names:
+                raise InvalidArgument(
+                    f"model {model} escalates to generalist {setting.generalist!r}, which is not configured; "
+                    f"known: {', '.join(self.generalists.names) or 'none'}"
+                )
+        self.retriever = retriever
         self._slots = asyncio.Semaphore(max_concurrency)
         self.max_waiting = max_waiting
         self.waiting = 0  # texts of calls in _ask now; only the event loop touches it
-        # Models whose label set the generalist cannot take, with the reason (set at load).
-        self._unfit: dict[tuple[str, int], str] = {}
+        # (model, version, generalist) whose label set that generalist cannot take, with the reason.
+        self._unfit: dict[tuple[str, int, str], str] = {}
         self._pending: list[DecisionRecord] = []
         self._flusher: asyncio.Task[None] | None = None
         self._flush_problem: str | None = None  # why the last batch of decision rows was dropped
@@ -155,19 +175,22 @@ class Cascade:
         that same reason.
         """
         ref = ModelRef.of(model)
-        key = (ref.name, ref.version)
-        self._unfit.pop(key, None)
-        try:
-            await check_label_set(ref.labels, ref.label_descriptions, self.generalist)
-        except FailedPrecondition as e:
-            if needs_generalist(resolve_policy(None, ref.default_policy, self.generalist is not None)):
-                raise FailedPrecondition(f"model {ref.name}:{ref.version}: {e.message}") from e
-            self._unfit[key] = e.message
+        own = self.generalists.choose(None, self.settings.get(ref.name))
+        for member in self.generalists.members():
+            key = (ref.name, ref.version, member.name)
+            self._unfit.pop(key, None)
+            try:
+                await check_label_set(ref.labels, ref.label_descriptions, member.generalist)
+            except FailedPrecondition as e:
+                served_so = needs_generalist(resolve_policy(None, ref.default_policy, True))
+                if member is own and served_so:
+                    raise FailedPrecondition(f"model {ref.name}:{ref.version}: {e.message}") from e
+                self._unfit[key] = e.message
 
-    def _why_not_generalist(self, ref: ModelRef) -> str | None:
-        if self.generalist is None:
+    def _why_not_generalist(self, ref: ModelRef, chosen: PricedGeneralist | None) -> str | None:
+        if chosen is None:
             return "no generalist is configured on this appliance"
-        return self._unfit.get((ref.name, ref.version))
+        return self._unfit.get((ref.name, ref.version, chosen.name))
 
     async def decide(
         self,
@@ -177,15 +200,19 @@ class Cascade:
         allow_fallback: bool = False,
         request_id: str = "",
         texts: Sequence[str] = (),
+        generalist: str | None = None,
     ) -> list[Decision]:
-        """One decision per text, in order. ``model`` is a :class:`ModelRef` or a loaded specialist."""
+        """One decision per text, in order. ``model`` is a :class:`ModelRef` or a loaded specialist;
+        ``generalist`` names the one to escalate to (None: the model's setting, else the default)."""
         ref = ModelRef.of(model)
+        setting = self.settings.get(ref.name)
+        chosen = self.generalists.choose(generalist, setting)
         if len(answers) != len(texts):
             raise ApplianceError(f"{len(answers)} specialist answers for {len(texts)} texts")
         for i, answer in enumerate(answers):
             if not answer.top:
                 raise ApplianceError(f"the specialist gave no label for text {i}")
-        effective = resolve_policy(policy, ref.default_policy, self.generalist is not None)
+        effective = resolve_policy(policy, ref.default_policy, chosen is not None)
         if effective is Policy.SPECIALIST_ONLY:
             wanted: list[int] = []
         elif effective is Policy.GENERALIST_ONLY:
@@ -199,12 +226,14 @@ class Cascade:
         fallbacks: set[int] = set()
         asked: dict[int, _Answered] = {}
         if wanted:
-            reason = self._why_not_generalist(ref)
+            reason = self._why_not_generalist(ref, chosen)
             if reason is None:
+                assert chosen is not None
                 if (problem := self.escalations.problem) is not None:
                     raise FailedPrecondition(problem)  # before the generalist spends time on them
                 if self.waiting + len(wanted) <= self.max_waiting:
-                    asked = await self._ask_counted(ref, texts, wanted)
+                    k = setting.demonstrations if setting is not None else 0
+                    asked = await self._ask_counted(chosen, model, ref, texts, wanted, k)
                 elif allow_fallback:
                     fallbacks = set(wanted)
                 else:
@@ -232,11 +261,9 @@ class Cascade:
             cost = self.cost.price(answer.core_seconds)
             got = asked.get(i)
             if got is not None:
-                assert self.generalist is not None  # it answered
+                assert chosen is not None  # it answered
                 route, latency_ms = Route.GENERALIST, answer.latency_ms + got.wait_ms
-                cost = price_generalist(
-                    self.cost, self.generalist.placement, got.engine_seconds, core_seconds=answer.core_seconds
-                )
+                cost = self._price(chosen, got.engine_seconds, answer.core_seconds)
                 record = EscalationRecord(
                     model=ref.name,
                     model_version=ref.version,
@@ -301,19 +328,48 @@ class Cascade:
             self.metrics.observe(ref.name, decisions, fallbacks=len(fallbacks))
         return decisions
 
+    def _price(self, chosen: PricedGeneralist, engine_seconds: float, core_seconds: float) -> Cost:
+        """The generalist's time at its own price, plus the specialist's at the box's."""
+        placement = chosen.generalist.placement
+        if chosen.cost == self.cost:
+            return price_generalist(self.cost, placement, engine_seconds, core_seconds=core_seconds)
+        spent = price_generalist(chosen.cost, placement, engine_seconds)
+        specialist = self.cost.price(core_seconds)
+        return Cost(
+            core_seconds=spent.core_seconds + specialist.core_seconds,
+            accelerator_seconds=spent.accelerator_seconds,
+            price=spent.price + specialist.price,
+            currency=self.cost.currency,
+        )
+
     async def _ask_counted(
-        self, ref: ModelRef, texts: Sequence[str], wanted: list[int]
+        self,
+        chosen: PricedGeneralist,
+        model: ModelRef | Specialist,
+        ref: ModelRef,
+        texts: Sequence[str],
+        wanted: list[int],
+        k: int,
     ) -> dict[int, _Answered]:
         """:meth:`_ask`, with its texts counted as waiting until it ends, however it ends."""
         self.waiting += len(wanted)
         try:
-            return await self._ask(ref, texts, wanted)
+            demos: list[list[Demonstration]] = [[] for _ in wanted]
+            if k and self.retriever is not None:
+                demos = await asyncio.to_thread(self.retriever.nearest, model, [texts[i] for i in wanted], k)
+            by_text = dict(zip(wanted, demos, strict=True))
+            return await self._ask(chosen.generalist, ref, texts, wanted, by_text)
         finally:
             self.waiting -= len(wanted)
 
-    async def _ask(self, ref: ModelRef, texts: Sequence[str], wanted: list[int]) -> dict[int, _Answered]:
-        generalist = self.generalist
-        assert generalist is not None
+    async def _ask(
+        self,
+        generalist: Generalist,
+        ref: ModelRef,
+        texts: Sequence[str],
+        wanted: list[int],
+        demos: Mapping[int, list[Demonstration]],
+    ) -> dict[int, _Answered]:
         descriptions = ref.label_descriptions or None
         known = set(ref.labels)
 
@@ -322,7 +378,12 @@ class Cascade:
             async with self._slots:
                 began = time.perf_counter()
                 try:
-                    result = await generalist.classify(texts[i], ref.labels, descriptions)
+                    if demos.get(i):
+                        result = await generalist.classify(
+                            texts[i], ref.labels, descriptions, demonstrations=demos[i]
+                        )
+                    else:
+                        result = await generalist.classify(texts[i], ref.labels, descriptions)
                 except InvalidArgument as e:
                     raise InvalidArgument(f"text {i}: the generalist cannot take it: {e.message}") from e
                 ended = time.perf_counter()

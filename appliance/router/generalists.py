@@ -19,16 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from appliance.engines.generalist_api import Generalist
+from appliance.engines.generalist_args import DEFAULT_NAME, NAME_PATTERN
 from appliance.errors import InvalidArgument
 from appliance.router.cost import CostModel, generalist_units
 
-DEFAULT_GENERALIST = "default"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+DEFAULT_GENERALIST = DEFAULT_NAME
+_NAME = re.compile(NAME_PATTERN)
 MAX_DEMONSTRATIONS = 32
 
 
 def check_generalist_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"generalist name {name!r} must be 1-32 characters of a-z, 0-9, '_' or '-', starting with a "
             "letter or digit"

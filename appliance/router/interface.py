@@ -24,8 +24,10 @@ class Router(Protocol):
         allow_fallback: bool = False,
         request_id: str = "",
         texts: Sequence[str] = (),
+        generalist: str | None = None,
     ) -> list[Decision]:
-        """One decision per text, in order, from the specialist's answers."""
+        """One decision per text, in order, from the specialist's answers; ``generalist`` names the
+        one escalations go to (None: the model's setting, else the default)."""
         ...
 
     async def close(self) -> None:

@@ -24,11 +24,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
     serve.add_argument("--config", type=Path, help="Ray Serve config file (deploy/serve/appliance.yaml)")
     serve.add_argument("--model", action="append", dest="models", help="model to load at start (repeatable)")
-    serve.add_argument("--generalist", type=Path, help="local Hugging Face causal-LM folder for the cascade")
+    serve.add_argument(
+        "--generalist",
+        action="append",
+        dest="generalists",
+        metavar="[NAME=]PATH",
+        help="local Hugging Face causal-LM folder for the cascade (repeatable, each NAME=PATH; a bare PATH "
+        "is the one named 'default')",
+    )
     serve.add_argument(
         "--generalist-max-model-len",
         type=int,
-        help="the generalist's context window in tokens (default: 2048, or less if the model allows less)",
+        help="the context window in tokens of the generalists given here (default: 2048, or less if the "
+        "model allows less)",
     )
     serve.add_argument("--insecure-loopback", action="store_true", help="plaintext gRPC, loopback binds only")
     serve.add_argument("--mtls", action="store_true", help="require client certificates from the local CA")
@@ -66,18 +74,44 @@ def app_args_from(ns: argparse.Namespace) -> Any:
         "require_client_cert": ns.mtls or None,
     }
     args.update({k: v for k, v in overrides.items() if v is not None})
-    generalist = {
-        "path": str(ns.generalist.resolve()) if ns.generalist is not None else None,
-        "max_model_len": ns.generalist_max_model_len,
-    }
-    generalist = {k: v for k, v in generalist.items() if v is not None}
-    if generalist:
-        args["generalist"] = {**(args.get("generalist") or {}), **generalist}
+    window = {"max_model_len": ns.generalist_max_model_len} if ns.generalist_max_model_len else {}
+    given = [parse_generalist_flag(flag) for flag in ns.generalists or []]
+    if given or window:
+        merge_generalists(args, given, window)
     args.setdefault("home", str(appliance_home()))
     app_args = AppArgs.model_validate(args)
-    if app_args.generalist is not None:
-        app_args.generalist.window()  # a window the model cannot take fails here, not in a replica
+    for generalist in app_args.all_generalists():
+        generalist.window()  # a window the model cannot take fails here, not in a replica
     return app_args
+
+
+def parse_generalist_flag(flag: str) -> tuple[str, str]:
+    """``NAME=PATH`` or a bare ``PATH`` (named ``default``) as (name, absolute path)."""
+    from appliance.engines.generalist_args import DEFAULT_NAME
+
+    name, sep, path = flag.partition("=")
+    if not sep or "/" in name:  # a bare path (which may itself hold '=' further on)
+        name, path = DEFAULT_NAME, flag
+    if not path:
+        raise InvalidArgument(f"--generalist {flag!r}: give NAME=PATH or PATH")
+    return name, str(Path(path).resolve())
+
+
+def merge_generalists(args: dict[str, Any], given: list[tuple[str, str]], window: dict[str, int]) -> None:
+    """Flags over the config file: a flag's name replaces that generalist's path (keeping its other
+    settings) or adds one; ``window`` applies to the generalists named by flags, or all without any."""
+    configured = [*([args["generalist"]] if args.get("generalist") else []), *(args.get("generalists") or [])]
+    by_name = {g.get("name", "default"): dict(g) for g in configured}
+    for name, path in given:
+        by_name[name] = {**by_name.get(name, {"name": name}), "path": path}
+    if window and not by_name:
+        raise InvalidArgument("--generalist-max-model-len needs a generalist (--generalist or the config's)")
+    for name in [n for n, _ in given] or list(by_name):
+        by_name[name].update(window)
+    # "default" stays the single ``generalist:`` form; the others are the list.
+    default = by_name.pop("default", None)
+    args["generalist"] = default
+    args["generalists"] = list(by_name.values())
 
 
 def run_serve(ns: argparse.Namespace) -> int:

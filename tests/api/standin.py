@@ -85,6 +85,7 @@ class KeywordBackend(Backend):
         want_probs: bool = False,
         allow_fallback: bool = False,
         request_id: str = "",
+        generalist: str = "",
     ) -> ClassifyOutcome:
         self._check(model, texts)
         self.calls.append((model, list(texts), timeout))

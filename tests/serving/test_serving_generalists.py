@@ -1,0 +1,96 @@
+"""Two generalists served side by side (real Ray Serve, two real vLLM engines), chosen by name.
+
+The two are tiny random Llamas of different seeds: their answers are noise, but different noise,
+which is what shows which engine answered. The second is priced at ten times the box's rate.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from appliance.config import OFFLINE_ENV
+from appliance.engines.tiny_llm import build_tiny_llm
+from appliance.router.cost import CostModel
+from tests.helpers.serving import MODEL, App
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TEXTS = [
+    "I still have not received my card",
+    "what exchange rate do you use",
+    "my top up did not go through",
+    "can you tell me something",
+    "transfer pending",
+    "refund please",
+    "why was I charged twice",
+    "how do I close my account",
+]
+BOX_PRICE = 2.0
+SECOND_PRICE = 20.0
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(home: Path) -> Iterator[None]:
+    """As tests/serving/conftest.py's, with room for two generalist replicas beside the ingress."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": {**OFFLINE_ENV, "APPLIANCE_HOME": str(home)}},
+    )
+    serve.start(proxy_location="Disabled")
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two(start_app, tmp_path_factory: pytest.TempPathFactory) -> App:
+    common = {"max_model_len": 1024, "kv_cache_gib": 1.0, "enforce_eager": True}
+    first = build_tiny_llm(tmp_path_factory.mktemp("llm-first"), seed=0)
+    second = build_tiny_llm(tmp_path_factory.mktemp("llm-second"), seed=1)
+    return start_app(
+        "two-generalists",
+        price_per_hour=BOX_PRICE,
+        generalist={"path": str(first), **common},
+        generalists=[{"name": "second", "path": str(second), "price_per_hour": SECOND_PRICE, **common}],
+        escalation={MODEL: {"generalist": "second"}},
+    )
+
+
+def labels_from(app: App, generalist: str = "") -> tuple[list[str], list[float]]:
+    with app.client() as client:
+        out = client.classify(MODEL, TEXTS, policy="generalist_only", generalist=generalist, timeout=300)
+    assert all(r.route == "generalist" for r in out.results)
+    return [r.label for r in out.results], [r.price / r.core_seconds for r in out.results]
+
+
+def test_the_model_escalates_to_its_named_generalist_and_a_request_may_choose(two: App) -> None:
+    per_core_second = CostModel(price_per_hour=BOX_PRICE, cores=os.cpu_count() or 1).price_per_core_second
+    by_setting, setting_rates = labels_from(two)
+    second, second_rates = labels_from(two, "second")
+    default, default_rates = labels_from(two, "default")
+    assert by_setting == second  # greedy decoding: the same engine gives the same labels
+    assert default != second  # two different models did answer
+    # The default is priced at the box's rate; the second's engine time at ten times it (the
+    # specialist's few core-seconds at the box's rate pull the ratio a little under ten).
+    assert all(r == pytest.approx(per_core_second, rel=1e-6) for r in default_rates)
+    assert all(5 * per_core_second < r <= 10 * per_core_second * (1 + 1e-6) for r in second_rates)
+    assert setting_rates and all(r > 5 * per_core_second for r in setting_rates)
+
+
+def test_an_unknown_generalist_is_invalid_argument(two: App) -> None:
+    with two.client() as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.classify(MODEL, TEXTS[:1], policy="cascade", generalist="third")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'third', which is not configured; known: default, second" in (err.value.details() or "")
