@@ -45,6 +45,7 @@ from appliance.artifact.spans import (
 )
 from appliance.dataset import DataError, DataWarning
 from appliance.dataset.spans import SpanData, fingerprint_spans, load_spans, window_warnings
+from appliance.datasets.store import DatasetStore
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
 from appliance.errors import InvalidArgument
 from appliance.factory import card
@@ -283,6 +284,10 @@ def train_extractor(
 
     train_fp = fingerprint_spans(train_set)
     published = store.versions(spec.name)
+    # Kept inside the perimeter, so that a retrain never needs the original files.
+    datasets = DatasetStore(store.home)
+    train_ref = datasets.put(train_set.examples, name=spec.name, role="train", kind="extract")
+    golden_ref = datasets.put(heldout.examples, name=spec.name, role="golden", kind="extract")
     fields = SpecialistFields(
         kind="span_extractor",
         schema_version=SCHEMA_VERSION,
@@ -303,6 +308,8 @@ def train_extractor(
         lineage=Lineage(
             parent_version=published[-1] if published else None,
             trained_from=TrainedFrom(fingerprint=str(train_fp["sha256"]), source=spec.data.name),
+            train_dataset=train_ref.digest,
+            golden_dataset=golden_ref.digest,
         ),
         extractor=ExtractorInfo(
             tagger=TaggerInfo(tags=tags),

@@ -15,6 +15,8 @@ import pytest
 from appliance.artifact.manifest import SpecialistManifest
 from appliance.config import apply_offline_env
 from appliance.dataset import load_spans
+from appliance.dataset.spans import fingerprint_spans
+from appliance.datasets.store import DatasetStore
 from appliance.factory.extract import load_tagger, split_spans
 from appliance.factory.extract_eval import evaluate_spans
 from appliance.store import ModelStore
@@ -109,6 +111,13 @@ def test_train_command_publishes_an_extractor(published: tuple[Path, ModelStore]
     spec = store.load("cli-r8k").spec
     assert spec.extractor is not None and spec.extractor.trained_format.format == "spans_jsonl"
     assert not spec.extractor.uses_context and spec.data.train.n_rows == 108  # a 10% split held out
+    # both sets are kept in the dataset store and named from the lineage
+    assert spec.lineage is not None and spec.lineage.train_dataset and spec.lineage.golden_dataset
+    datasets = DatasetStore(home)
+    kept = datasets.get(spec.lineage.train_dataset).spans()
+    golden = datasets.get(spec.lineage.golden_dataset).spans()
+    assert (len(kept), len(golden)) == (108, 12) and fingerprint_spans(kept) == spec.data.train.model_dump()
+    assert not {e.text for e in kept.examples} & {e.text for e in golden.examples}
 
 
 def test_train_extract_refuses_bad_data_with_located_errors_and_publishes_nothing(tmp_path: Path) -> None:
