@@ -132,6 +132,7 @@ class ExtractResult:
     escalation_id: str
     fallback: bool
     classification: Result | None
+    dropped_generalist_spans: int = 0  # the generalist's spans that were not in the text
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -146,6 +147,7 @@ class ExtractResult:
             },
             "escalation_id": self.escalation_id,
             "fallback": self.fallback,
+            "dropped_generalist_spans": self.dropped_generalist_spans,
         }
         if self.classification is not None:
             out["classification"] = self.classification.to_dict()
@@ -177,6 +179,7 @@ def _extract_result(e: pb.Extraction) -> ExtractResult:
         escalation_id=e.escalation_id,
         fallback=e.fallback,
         classification=_result(e.classification) if e.HasField("classification") else None,
+        dropped_generalist_spans=e.dropped_generalist_spans,
     )
 
 

@@ -89,6 +89,7 @@ def extraction_pb(e: Extraction, decision: Decision | None = None) -> pb.Extract
         escalation_id=e.escalation_id,
         fallback=e.fallback,
         classification=decision_pb(decision) if decision is not None else None,
+        dropped_generalist_spans=e.dropped_generalist_spans,
     )
 
 

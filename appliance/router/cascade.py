@@ -45,15 +45,16 @@ from typing import TYPE_CHECKING
 
 from appliance.engines.generalist_api import Demonstration, Generalist, ZeroShotResult
 from appliance.errors import ApplianceError, FailedPrecondition, InvalidArgument, ResourceExhausted
-from appliance.router.cost import CostModel, price_generalist, share
+from appliance.router.cost import CostModel, engine_shares, price_generalist
 from appliance.router.escalations import DecisionRecord, EscalationRecord, EscalationStore
 from appliance.router.generalists import GeneralistPool, ModelEscalation, PricedGeneralist
 from appliance.router.metrics import RouterMetrics
 from appliance.router.policy import check_label_set, needs_generalist, parse_policy, resolve_policy
 from appliance.router.retrieval import Retriever
-from appliance.types import Cost, Decision, Policy, Route, SpecialistAnswer
+from appliance.types import Cost, Decision, Extraction, Policy, Route, SpecialistAnswer
 
 if TYPE_CHECKING:
+    from appliance.engines.extractor import Extractor
     from appliance.engines.specialist import Specialist
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class ModelRef:
     default_policy: Policy | None = None
 
     @classmethod
-    def of(cls, model: ModelRef | Specialist) -> ModelRef:
-        """A ModelRef as is, or one read from a loaded specialist's typed manifest."""
+    def of(cls, model: ModelRef | Specialist | Extractor) -> ModelRef:
+        """A ModelRef as is, or one read from a loaded specialist's (or extractor's) typed manifest."""
         if isinstance(model, ModelRef):
             return model
         spec = model.spec
@@ -226,30 +227,12 @@ class Cascade:
         fallbacks: set[int] = set()
         asked: dict[int, _Answered] = {}
         if wanted:
-            reason = self._why_not_generalist(ref, chosen)
-            if reason is None:
+            if self._admit(ref, chosen, effective, len(texts), len(wanted), allow_fallback):
                 assert chosen is not None
-                if (problem := self.escalations.problem) is not None:
-                    raise FailedPrecondition(problem)  # before the generalist spends time on them
-                if self.waiting + len(wanted) <= self.max_waiting:
-                    k = setting.demonstrations if setting is not None else 0
-                    asked = await self._ask_counted(chosen, model, ref, texts, wanted, k)
-                elif allow_fallback:
-                    fallbacks = set(wanted)
-                else:
-                    raise ResourceExhausted(
-                        f"{self.waiting} texts are waiting for the generalist; {len(wanted)} more would "
-                        f"pass the limit of {self.max_waiting}; retry later, or allow the fallback to "
-                        "the specialist"
-                    )
-            elif allow_fallback:
-                fallbacks = set(wanted)
+                k = setting.demonstrations if setting is not None else 0
+                asked = await self._ask_counted(chosen, model, ref, texts, wanted, k)
             else:
-                raise FailedPrecondition(
-                    f"policy {effective.value} sends {len(wanted)} of {len(texts)} texts for model "
-                    f"{ref.name} to the generalist, but {reason}; ask for specialist_only, or allow "
-                    "the fallback to the specialist"
-                )
+                fallbacks = set(wanted)
 
         decisions: list[Decision] = []
         escalation_rows: list[EscalationRecord] = []
@@ -315,6 +298,64 @@ class Cascade:
                     text=texts[i],
                 )
             )
+        await self._record(escalation_rows, decision_rows)
+        if self.metrics is not None:
+            self.metrics.observe(ref.name, decisions, fallbacks=len(fallbacks))
+        return decisions
+
+    async def decide_spans(
+        self,
+        model: ModelRef | Extractor,
+        extractions: Sequence[Extraction],
+        policy: Policy | str | None,
+        allow_fallback: bool = False,
+        request_id: str = "",
+        texts: Sequence[str] = (),
+        generalist: str | None = None,
+    ) -> list[Extraction]:
+        """One extraction per text, from the extractor's, under the same policies, bounds and
+        records as :meth:`decide` (:mod:`appliance.router.span_cascade`)."""
+        from appliance.router.span_cascade import decide_spans  # it builds on this module
+
+        return await decide_spans(
+            self, model, extractions, policy, allow_fallback, request_id, texts, generalist
+        )
+
+    def _admit(
+        self,
+        ref: ModelRef,
+        chosen: PricedGeneralist | None,
+        effective: Policy,
+        n_texts: int,
+        n_wanted: int,
+        allow_fallback: bool,
+    ) -> bool:
+        """Whether ``n_wanted`` texts of a call may go to the generalist now (False: the specialist
+        answers them, as the caller allowed); raises when neither may happen."""
+        reason = self._why_not_generalist(ref, chosen)
+        if reason is None:
+            if (problem := self.escalations.problem) is not None:
+                raise FailedPrecondition(problem)  # before the generalist spends time on them
+            if self.waiting + n_wanted <= self.max_waiting:
+                return True
+            if allow_fallback:
+                return False
+            raise ResourceExhausted(
+                f"{self.waiting} texts are waiting for the generalist; {n_wanted} more would "
+                f"pass the limit of {self.max_waiting}; retry later, or allow the fallback to "
+                "the specialist"
+            )
+        if allow_fallback:
+            return False
+        raise FailedPrecondition(
+            f"policy {effective.value} sends {n_wanted} of {n_texts} texts for model "
+            f"{ref.name} to the generalist, but {reason}; ask for specialist_only, or allow "
+            "the fallback to the specialist"
+        )
+
+    async def _record(
+        self, escalation_rows: list[EscalationRecord], decision_rows: list[DecisionRecord]
+    ) -> None:
         if escalation_rows:
             # Durable before the caller can send a response that names these escalation ids.
             await asyncio.to_thread(self.escalations.record, escalation_rows, decision_rows)
@@ -324,9 +365,6 @@ class Cascade:
             self._pending.extend(decision_rows)
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
-        if self.metrics is not None:
-            self.metrics.observe(ref.name, decisions, fallbacks=len(fallbacks))
-        return decisions
 
     def _price(self, chosen: PricedGeneralist, engine_seconds: float, core_seconds: float) -> Cost:
         """The generalist's time at its own price, plus the specialist's at the box's."""
@@ -400,10 +438,11 @@ class Cascade:
             # The first failure cancelled the rest; report it with its own status.
             raise _first_error(failed) from None
         outcomes = [t.result() for t in tasks]
-        span = max(o[3] for o in outcomes) - min(o[2] for o in outcomes)
-        busy = min(span, sum(max(0.0, o[0].engine_seconds) for o in outcomes))
-        tokens = [o[0].prompt_tokens + o[0].completion_tokens for o in outcomes]
-        parts = share(busy, 1, tokens)
+        parts = engine_shares(
+            [(o[2], o[3]) for o in outcomes],
+            [o[0].engine_seconds for o in outcomes],
+            [o[0].prompt_tokens + o[0].completion_tokens for o in outcomes],
+        )
         return {
             i: _Answered(result, wait_ms=1000.0 * (ended - queued), engine_seconds=part)
             for i, (result, queued, _began, ended), part in zip(wanted, outcomes, parts, strict=True)

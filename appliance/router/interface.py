@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from appliance.types import Decision, Policy, SpecialistAnswer
+from appliance.types import Decision, Extraction, Policy, SpecialistAnswer
 
 if TYPE_CHECKING:
+    from appliance.engines.extractor import Extractor
     from appliance.engines.specialist import Specialist
 
 
@@ -28,6 +29,19 @@ class Router(Protocol):
     ) -> list[Decision]:
         """One decision per text, in order, from the specialist's answers; ``generalist`` names the
         one escalations go to (None: the model's setting, else the default)."""
+        ...
+
+    async def decide_spans(
+        self,
+        model: Extractor,
+        extractions: Sequence[Extraction],
+        policy: Policy | str | None,
+        allow_fallback: bool = False,
+        request_id: str = "",
+        texts: Sequence[str] = (),
+    ) -> list[Extraction]:
+        """One extraction per text, in order, from the extractor's (its spans on the specialist's
+        route, costs not yet priced)."""
         ...
 
     async def close(self) -> None:

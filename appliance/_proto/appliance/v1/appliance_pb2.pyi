@@ -174,7 +174,7 @@ class Span(_message.Message):
     def __init__(self, label: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., text: _Optional[str] = ..., confidence: _Optional[float] = ..., route: _Optional[_Union[Route, str]] = ...) -> None: ...
 
 class Extraction(_message.Message):
-    __slots__ = ("spans", "truncated", "latency_ms", "cost", "escalation_id", "fallback", "classification")
+    __slots__ = ("spans", "truncated", "latency_ms", "cost", "escalation_id", "fallback", "classification", "dropped_generalist_spans")
     SPANS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class Extraction(_message.Message):
     ESCALATION_ID_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
     CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_GENERALIST_SPANS_FIELD_NUMBER: _ClassVar[int]
     spans: _containers.RepeatedCompositeFieldContainer[Span]
     truncated: bool
     latency_ms: float
@@ -189,7 +190,8 @@ class Extraction(_message.Message):
     escalation_id: str
     fallback: bool
     classification: Classification
-    def __init__(self, spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., truncated: _Optional[bool] = ..., latency_ms: _Optional[float] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., escalation_id: _Optional[str] = ..., fallback: _Optional[bool] = ..., classification: _Optional[_Union[Classification, _Mapping]] = ...) -> None: ...
+    dropped_generalist_spans: int
+    def __init__(self, spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., truncated: _Optional[bool] = ..., latency_ms: _Optional[float] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., escalation_id: _Optional[str] = ..., fallback: _Optional[bool] = ..., classification: _Optional[_Union[Classification, _Mapping]] = ..., dropped_generalist_spans: _Optional[int] = ...) -> None: ...
 
 class ExtractResponse(_message.Message):
     __slots__ = ("model", "version", "precision", "results", "request_id", "classify_model", "classify_version")
