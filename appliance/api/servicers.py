@@ -17,6 +17,7 @@ from appliance._proto.appliance.v1 import appliance_pb2 as pb
 from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
 from appliance.api.backend import Backend
 from appliance.api.boundary import Boundary
+from appliance.api.dedup import RecentAnswers
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import DeadlineExceeded
 from appliance.serve.metrics import ServingMetrics
@@ -135,6 +136,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.backend = backend
         self.metrics = metrics
         self.boundary = Boundary("InferenceService", metrics)
+        self.recent = RecentAnswers()  # a retried Classify or Extract is answered and recorded once
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -162,7 +164,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 request_id=rid,
             )
 
-        return await self.boundary.unary(context, "Classify", run, request.model)
+        once = self.recent.deduplicated("Classify", request, context, run)
+        return await self.boundary.unary(context, "Classify", once, request.model)
 
     async def Extract(
         self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext
@@ -185,7 +188,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 self.metrics.texts.labels(outcome.model).inc(len(outcome.extractions))
             return extract_response_pb(outcome, rid)
 
-        return await self.boundary.unary(context, "Extract", run, request.model)
+        once = self.recent.deduplicated("Extract", request, context, run)
+        return await self.boundary.unary(context, "Extract", once, request.model)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         rid = request_id(request.request_id)
