@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -161,12 +161,17 @@ def plan(
     out.new_labels = sorted({r.label for r in out.rows} - set(champion.spec.labels) - _oos(champion))
     if canonical_jsonl(out.rows) == canonical_jsonl(base):
         reasons = "; ".join(out.notes()) or "no corrections recorded for it"
-        since = f" since {spec.since}" if spec.since is not None else ""
+        since = f" since {_iso(spec.since)}" if spec.since is not None else ""
         raise FailedPrecondition(
             f"nothing new to retrain {champion.spec.ref} on{since}: {reasons}. Record corrections with "
             "`appliance feedback correct` or the review queue, or add --include-generalist-labels"
         )
     return out
+
+
+def _iso(when: datetime | float) -> str:
+    moment = when if isinstance(when, datetime) else datetime.fromtimestamp(when, UTC)
+    return moment.isoformat(timespec="seconds")
 
 
 def _oos(champion: Manifest) -> set[str]:

@@ -8,6 +8,7 @@ cascade and a FeedbackServicer over its escalation store, texts kept (``store_te
 from __future__ import annotations
 
 import csv
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -193,3 +194,24 @@ def test_the_review_queue_goes_out_and_comes_back_in(
     export = tmp_path / "corrections.jsonl"
     assert main(["feedback", "export", "-o", str(export), "--model", MODEL]) == 0
     assert export.read_text().count("human:carol") == 2
+
+
+def test_the_correct_command_records_through_the_server(
+    live: FeedbackServer,
+    tokens: TokenStore,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = tokens.create("fb-cli", [f"classify:{MODEL}", f"feedback:{MODEL}"])
+    with live.client(secret) as client:
+        client.classify(MODEL, [PROBE[0]], policy="specialist_only", request_id="fb-cli")
+    connection = live.connection(secret)
+    monkeypatch.setattr("appliance.client.Connection.discover", classmethod(lambda cls, **_: connection))
+    args = ["feedback", "correct", "--model", MODEL, "--request", "fb-cli", "--label", "change_pin"]
+    assert main([*args, "--source", "human:dave", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*args, "--source", "human:dave", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (first["duplicate"], again["duplicate"], again["id"]) == (False, True, first["id"])
+    assert main([*args, "--source", "human:dave", "--item", "5"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,6 +182,13 @@ def test_a_retrain_publishes_a_challenger_that_is_not_served(
     assert not {r.text for r in golden} & set(origins)  # no golden row is trained on
     assert len(trained) == 96 + 16 + 4
     assert challenger.data.heldout.n_rows == 48 and challenger.data.heldout_source.startswith("golden set ")
+
+
+def test_corrections_before_since_are_not_new(home: Path, corrected: dict[str, object]) -> None:
+    later = time.time() + 3600
+    with pytest.raises(FailedPrecondition, match="nothing new to retrain bank8:1 on since "):
+        plan(RetrainSpec(NAME, since=later), ModelStore(home), DatasetStore(home))
+    assert plan(RetrainSpec(NAME), ModelStore(home), DatasetStore(home)).corrections == 16
 
 
 def test_an_interrupted_retrain_leaves_the_champion_serving_and_no_version(
