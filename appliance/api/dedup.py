@@ -17,7 +17,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -53,7 +53,8 @@ class RecentAnswers:
         entry = self._entries.get(key)
         if entry is not None:
             self.hits += 1
-            return await asyncio.shield(entry[1])  # type: ignore[return-value]
+            first = await asyncio.shield(entry[1])
+            return cast(T, first)  # the same key is the same call, so the same type
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._entries[key] = (now, future)
         while len(self._entries) > self.size:

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from appliance.errors import ApplianceError
 from appliance.files import make_private_dir, private_mode
@@ -101,27 +101,28 @@ class HomeSource:
         return path
 
 
-def start_source(home: Path) -> ActorHandle:
+def start_source(home: Path) -> ActorHandle[HomeSource]:
     """The head's :class:`HomeSource`, pinned to this process's node; one per cluster."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     actor = ray.remote(num_cpus=0)(HomeSource)
-    return actor.options(
+    handle = actor.options(
         name=SOURCE_NAME,
         namespace=SOURCE_NAMESPACE,
         get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
     ).remote(str(home))
+    return cast("ActorHandle[HomeSource]", handle)  # Ray's stubs type .remote() loosely
 
 
-def find_source() -> ActorHandle | None:
+def find_source() -> ActorHandle[HomeSource] | None:
     """The cluster's source, or None (a single node, or a cluster started without one)."""
     import ray
 
     try:
-        handle: ActorHandle = ray.get_actor(SOURCE_NAME, namespace=SOURCE_NAMESPACE)
+        handle: ActorHandle[HomeSource] = ray.get_actor(SOURCE_NAME, namespace=SOURCE_NAMESPACE)
     except ValueError:
         return None
     return handle
@@ -130,7 +131,7 @@ def find_source() -> ActorHandle | None:
 class HomeMirror:
     """Keeps this node's home in step with the head's, verifying what it receives."""
 
-    def __init__(self, home: Path, source: ActorHandle) -> None:
+    def __init__(self, home: Path, source: ActorHandle[HomeSource]) -> None:
         self.home = home
         self.store = ModelStore(home)
         self.source = source
