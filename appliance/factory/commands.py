@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default="oos",
         help="rows with this label are out of scope: not a class, they calibrate rejection (default: oos)",
     )
+    train.add_argument(
+        "--demonstrations",
+        action="store_true",
+        help="store the training texts, labels and embeddings in the artifact (demonstrations.npz), so that "
+        "escalations can show the generalist the nearest examples; off by default: the texts are data",
+    )
     train.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     train.set_defaults(func=run_train)
 
@@ -116,6 +122,7 @@ def run_train(args: argparse.Namespace) -> int:
         finetune_strategy=args.strategy,
         seed=args.seed,
         oos_label=args.oos_label,
+        demonstrations=args.demonstrations,
     )
     try:
         result = train(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))

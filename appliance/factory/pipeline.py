@@ -40,6 +40,7 @@ from appliance.errors import InvalidArgument
 from appliance.factory import card
 from appliance.factory.evaluate import OOS_MAX_LOSS_POINTS, Report, calibrate_rejection, evaluate
 from appliance.factory.head import DEFAULT_C, fit_logistic
+from appliance.router.retrieval import DemonstrationIndex
 from appliance.store import Manifest, ModelStore, folder_digest, hash_files
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class TrainSpec:
     label_descriptions: dict[str, str] = field(default_factory=dict)
     # Rows with this label are not a class: they calibrate the rejection of out-of-scope texts.
     oos_label: str = "oos"
+    # Store the training texts, labels and embeddings as a demonstration index in the artifact
+    # (appliance.router.retrieval): opt-in, since the manifest otherwise holds no training text.
+    demonstrations: bool = False
     prepared: PreparedData | None = None
     stage: str = "champion"  # "challenger": published beside the served version, not served
 
@@ -394,6 +398,9 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
     with store.staging(spec.name) as stage:
         head.save(stage.folder)
         check.save(stage.folder)
+        if spec.demonstrations:
+            # fp32 embeddings: their neighbours are the int8 encoder's to within its ~0.99 cosine
+            DemonstrationIndex.build(train_set.texts, train_set.labels, x_train).save(stage.folder)
         (stage.folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float))
         (stage.folder / card.CARD_FILE).write_text(card.render(spec, fields, report, warnings, timings))
         manifest = stage.commit(fields.model_dump())
