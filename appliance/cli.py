@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "appliance.datasets.commands",
     "appliance.feedback.commands",
     "appliance.loop.commands",
+    "appliance.workflows.commands",
 )
 
 

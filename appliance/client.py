@@ -314,6 +314,7 @@ class Client:
         self._admin = pb_grpc.AdminServiceStub(self.channel)
         self._generation = pb_grpc.GenerationServiceStub(self.channel)
         self._feedback = pb_grpc.FeedbackServiceStub(self.channel)
+        self._workflows = pb_grpc.WorkflowServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -418,6 +419,20 @@ class Client:
         )
         yield from self._generation.Generate(request, timeout=timeout, metadata=self.connection.metadata())
 
+    def run_workflow(
+        self, workflow: str, texts: Sequence[str], *, timeout: float | None = 60.0, request_id: str = ""
+    ) -> pb.RunWorkflowResponse:
+        """A published workflow over ``texts``: per text each step's receipt, and the total cost."""
+        request = pb.RunWorkflowRequest(workflow=workflow, texts=list(texts), request_id=request_id)
+        return self._workflows.Run(request, timeout=timeout, metadata=self.connection.metadata())
+
+    def run_workflow_stream(
+        self, workflow: str, texts: Sequence[str], *, timeout: float | None = 120.0, request_id: str = ""
+    ) -> Iterator[pb.RunWorkflowEvent]:
+        """As :meth:`run_workflow`, with generate steps' text as it comes; the last event is ``done``."""
+        request = pb.RunWorkflowRequest(workflow=workflow, texts=list(texts), request_id=request_id)
+        yield from self._workflows.RunStream(request, timeout=timeout, metadata=self.connection.metadata())
+
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         response = self._health.Check(
             health_pb2.HealthCheckRequest(service=service),
@@ -443,6 +458,7 @@ class AsyncClient:
         self._admin = pb_grpc.AdminServiceStub(self.channel)
         self._generation = pb_grpc.GenerationServiceStub(self.channel)
         self._feedback = pb_grpc.FeedbackServiceStub(self.channel)
+        self._workflows = pb_grpc.WorkflowServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def __aenter__(self) -> AsyncClient:
@@ -549,6 +565,12 @@ class AsyncClient:
             request, timeout=timeout, metadata=self.connection.metadata()
         ):
             yield chunk
+
+    async def run_workflow(
+        self, workflow: str, texts: Sequence[str], *, timeout: float | None = 60.0, request_id: str = ""
+    ) -> pb.RunWorkflowResponse:
+        request = pb.RunWorkflowRequest(workflow=workflow, texts=list(texts), request_id=request_id)
+        return await self._workflows.Run(request, timeout=timeout, metadata=self.connection.metadata())
 
     async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         response = await self._health.Check(

@@ -173,14 +173,14 @@ class ApplianceServer:
                 ("grpc.so_reuseport", int(self.settings.shares_port)),
             ],
         )
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.backend, self.metrics), server)
-        pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.backend, self.metrics), server)
-        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.backend, self.metrics), server)
         if self.workflows is None:
             self.workflows = default_workflows(self.backend, self.generalist)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.backend, self.metrics), server)
         pb_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(self.workflows, self.metrics), server)
+        pb_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.backend, self.metrics), server)
+        pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.backend, self.metrics), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.backend, self.metrics), server
+            KServeServicer(self.backend, self.metrics, self.workflows), server
         )
         if self.generalist is not None:
             pb_grpc.add_GenerationServiceServicer_to_server(

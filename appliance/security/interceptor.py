@@ -86,7 +86,10 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     f"{_V1}AdminService/LoadModel": Rule("admin"),
     f"{_V1}AdminService/UnloadModel": Rule("admin"),
     f"{_V1}FeedbackService/Correct": Rule("feedback", "model"),
-    f"{_KSERVE}ModelInfer": Rule("classify", "model_name", or_kinds=("extract",)),
+    f"{_V1}WorkflowService/Run": Rule("workflow", "workflow"),
+    f"{_V1}WorkflowService/RunStream": Rule("workflow", "workflow"),
+    # a workflow's name answers too: the servicer then checks workflow:<name> itself (WorkflowScope)
+    f"{_KSERVE}ModelInfer": Rule("classify", "model_name", or_kinds=("extract", "workflow")),
     f"{_KSERVE}ServerLive": Rule("models:read"),
     f"{_KSERVE}ServerReady": Rule("models:read"),
     f"{_KSERVE}ServerMetadata": Rule("models:read"),
@@ -134,6 +137,8 @@ class _Call:
     agent: str = ""
     unrecordable: bool = False  # refused because the trail cannot take records: none is written
     holds_slot: bool = False  # counted among its token's calls in progress until it ends
+    principal: Principal | None = None  # who called, once authenticated
+    steps: list[dict[str, Any]] | None = None  # a workflow run's steps, written in its one record
 
 
 @dataclass(frozen=True)
@@ -158,13 +163,25 @@ def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], An
 
 class _RecordingContext:
     """The servicer's view of the context: ``abort`` writes the audit record before the status
-    leaves (grpc sends it from inside ``abort``). Everything else is the real context."""
+    leaves (grpc sends it from inside ``abort``). Everything else is the real context.
+
+    A workflow run also reports its steps here (``audit_steps``), so that the call's one record
+    holds them, and asks whether the caller holds a scope (``allows``) where the method's rule
+    admits more than one kind (KServe ModelInfer on a workflow's name)."""
 
     def __init__(
-        self, context: grpc.aio.ServicerContext, before_abort: Callable[..., Awaitable[None]]
+        self, context: grpc.aio.ServicerContext, before_abort: Callable[..., Awaitable[None]], call: _Call
     ) -> None:
         self._context = context
         self._before_abort = before_abort
+        self._call = call
+
+    def audit_steps(self, steps: list[dict[str, Any]]) -> None:
+        self._call.steps = steps
+
+    def allows(self, scope: str) -> bool:
+        principal = self._call.principal
+        return principal is None or principal.allows(scope)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
         details = clip(details, MAX_DETAILS_CHARS)
@@ -302,7 +319,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             call.code, call.details = code, details
             await self._record(call, context)
 
-        return _RecordingContext(context, before_abort)
+        return _RecordingContext(context, before_abort, call)
 
     def _unimplemented(self, method: str) -> Behavior:
         async def unimplemented(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -342,7 +359,7 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             _refuse_undecodable(call.method, undecodable)
             return
         principal = self._authenticate(metadata.get("authorization"))
-        call.token = principal.name
+        call.token, call.principal = principal.name, principal
         rule = self.rules.get(call.method)
         if rule is None:
             raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"method {call.method} is not open to any scope")
@@ -505,6 +522,8 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             record["details"] = call.details
         if call.texts is not None:
             record["texts"] = call.texts
+        if call.steps is not None:
+            record["steps"] = call.steps
         try:
             # a health probe never waits on the disk: it must be able to say NOT_SERVING
             if self.durable and not call.method.startswith(HEALTH_PREFIX):

@@ -18,8 +18,9 @@ overlap and it names its successor in ``replaced_by``. Revoking a name revokes e
 secret of it, the retiring one included.
 
 Scopes: ``classify:<model>``, ``classify:*``, ``extract:<model>``, ``extract:*``, ``embed:<model>``,
-``embed:*``, ``feedback:<model>`` (correct its decisions), ``feedback:*``, ``generate``, ``models:read``,
-``admin`` (which implies every other scope).
+``embed:*``, ``workflow:<name>``, ``workflow:*``, ``feedback:<model>`` (correct its decisions),
+``feedback:*``, ``generate``, ``models:read``, ``admin`` (which implies every other scope). A
+workflow scope runs the whole workflow, whatever models its steps use.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _MODEL = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _DURATION = re.compile(r"^([0-9]{1,9})([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-# scopes that name a model, or * for every one
-MODEL_SCOPE_KINDS = ("classify", "extract", "embed", "feedback")
+# scopes that name a model (or a workflow), or * for every one
+MODEL_SCOPE_KINDS = ("classify", "extract", "embed", "workflow", "feedback")
 _SCOPE = re.compile(rf"^(?:(?:{'|'.join(MODEL_SCOPE_KINDS)}):(?:\*|{_MODEL})|generate|models:read|admin)$")
 
 
@@ -131,7 +132,8 @@ def validate_scope(scope: str) -> str:
     if not _SCOPE.fullmatch(scope):
         raise InvalidArgument(
             f"unknown scope {scope!r}; expected classify:<model>|classify:*, extract:<model>|extract:*, "
-            "embed:<model>|embed:*, feedback:<model>|feedback:*, generate, models:read or admin"
+            "embed:<model>|embed:*, workflow:<name>|workflow:*, feedback:<model>|feedback:*, generate, "
+            "models:read or admin"
         )
     return scope
 

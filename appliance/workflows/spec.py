@@ -511,7 +511,8 @@ def graph_problems(spec: WorkflowSpec) -> list[tuple[tuple[str | int, ...], str]
                         )
                     elif target == step.id:
                         problems.append(((*at, key), f"branch {step.id!r} names itself"))
-    cycle = find_cycle(spec.dependencies())
+    # a step naming itself is reported above already
+    cycle = find_cycle({step: deps - {step} for step, deps in spec.dependencies().items()})
     if cycle:
         problems.append((("steps", index[cycle[0]], "id"), f"steps form a cycle: {' -> '.join(cycle)}"))
     return problems

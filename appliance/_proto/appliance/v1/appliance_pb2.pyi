@@ -32,6 +32,14 @@ class Route(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUTE_UNSPECIFIED: _ClassVar[Route]
     ROUTE_SPECIALIST: _ClassVar[Route]
     ROUTE_GENERALIST: _ClassVar[Route]
+
+class StepStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_STATUS_UNSPECIFIED: _ClassVar[StepStatus]
+    STEP_STATUS_OK: _ClassVar[StepStatus]
+    STEP_STATUS_SKIPPED: _ClassVar[StepStatus]
+    STEP_STATUS_FAILED: _ClassVar[StepStatus]
+    STEP_STATUS_FALLBACK: _ClassVar[StepStatus]
 PRECISION_UNSPECIFIED: Precision
 PRECISION_FP32: Precision
 PRECISION_INT8: Precision
@@ -46,6 +54,11 @@ POLICY_GENERALIST_ONLY: Policy
 ROUTE_UNSPECIFIED: Route
 ROUTE_SPECIALIST: Route
 ROUTE_GENERALIST: Route
+STEP_STATUS_UNSPECIFIED: StepStatus
+STEP_STATUS_OK: StepStatus
+STEP_STATUS_SKIPPED: StepStatus
+STEP_STATUS_FAILED: StepStatus
+STEP_STATUS_FALLBACK: StepStatus
 
 class Cost(_message.Message):
     __slots__ = ("core_seconds", "accelerator_seconds", "price", "currency")
@@ -445,3 +458,83 @@ class CorrectResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[CorrectResult]
     def __init__(self, results: _Optional[_Iterable[_Union[CorrectResult, _Mapping]]] = ...) -> None: ...
+
+class RunWorkflowRequest(_message.Message):
+    __slots__ = ("workflow", "texts", "request_id")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    workflow: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, workflow: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StepReceipt(_message.Message):
+    __slots__ = ("step", "kind", "status", "model", "version", "route", "confidence", "latency_ms", "cost", "started_ms", "detail", "output_json")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    STARTED_MS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    kind: str
+    status: StepStatus
+    model: str
+    version: int
+    route: Route
+    confidence: float
+    latency_ms: float
+    cost: Cost
+    started_ms: float
+    detail: str
+    output_json: str
+    def __init__(self, step: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[StepStatus, str]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., route: _Optional[_Union[Route, str]] = ..., confidence: _Optional[float] = ..., latency_ms: _Optional[float] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., started_ms: _Optional[float] = ..., detail: _Optional[str] = ..., output_json: _Optional[str] = ...) -> None: ...
+
+class WorkflowResult(_message.Message):
+    __slots__ = ("steps", "cost")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[StepReceipt]
+    cost: Cost
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepReceipt, _Mapping]]] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ...) -> None: ...
+
+class RunWorkflowResponse(_message.Message):
+    __slots__ = ("workflow", "version", "results", "total_cost", "request_id", "latency_ms")
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_COST_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    workflow: str
+    version: int
+    results: _containers.RepeatedCompositeFieldContainer[WorkflowResult]
+    total_cost: Cost
+    request_id: str
+    latency_ms: float
+    def __init__(self, workflow: _Optional[str] = ..., version: _Optional[int] = ..., results: _Optional[_Iterable[_Union[WorkflowResult, _Mapping]]] = ..., total_cost: _Optional[_Union[Cost, _Mapping]] = ..., request_id: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
+
+class GeneratedDelta(_message.Message):
+    __slots__ = ("text_index", "step", "text")
+    TEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text_index: int
+    step: str
+    text: str
+    def __init__(self, text_index: _Optional[int] = ..., step: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class RunWorkflowEvent(_message.Message):
+    __slots__ = ("delta", "done")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    delta: GeneratedDelta
+    done: RunWorkflowResponse
+    def __init__(self, delta: _Optional[_Union[GeneratedDelta, _Mapping]] = ..., done: _Optional[_Union[RunWorkflowResponse, _Mapping]] = ...) -> None: ...

@@ -613,3 +613,144 @@ class FeedbackService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkflowServiceStub:
+    """---------------------------------------------------------------- workflows
+
+    Runs a published workflow (`appliance workflows publish FILE.yaml`) over texts: its steps
+    (classify, extract, embed, retrieve, generate, branch) run as a graph, independent steps at
+    once, each under its own policy, timeout and on_failure. The scope is `workflow:<name>`; an
+    unknown workflow is NOT_FOUND. The call's deadline covers the whole run: each step gets what
+    is left of it. A run whose step fails with `on_failure: fail` gets that step's status, its
+    details naming the step.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Run = channel.unary_unary(
+                '/appliance.v1.WorkflowService/Run',
+                request_serializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowRequest.SerializeToString,
+                response_deserializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowResponse.FromString,
+                _registered_method=True)
+        self.RunStream = channel.unary_stream(
+                '/appliance.v1.WorkflowService/RunStream',
+                request_serializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowRequest.SerializeToString,
+                response_deserializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowEvent.FromString,
+                _registered_method=True)
+
+
+class WorkflowServiceServicer:
+    """---------------------------------------------------------------- workflows
+
+    Runs a published workflow (`appliance workflows publish FILE.yaml`) over texts: its steps
+    (classify, extract, embed, retrieve, generate, branch) run as a graph, independent steps at
+    once, each under its own policy, timeout and on_failure. The scope is `workflow:<name>`; an
+    unknown workflow is NOT_FOUND. The call's deadline covers the whole run: each step gets what
+    is left of it. A run whose step fails with `on_failure: fail` gets that step's status, its
+    details naming the step.
+    """
+
+    def Run(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunStream(self, request, context):
+        """As Run, but generate steps stream: their text arrives as it is generated, then the whole
+        response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkflowServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Run': grpc.unary_unary_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowRequest.FromString,
+                    response_serializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowResponse.SerializeToString,
+            ),
+            'RunStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunStream,
+                    request_deserializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowRequest.FromString,
+                    response_serializer=appliance_dot_v1_dot_appliance__pb2.RunWorkflowEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'appliance.v1.WorkflowService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('appliance.v1.WorkflowService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkflowService:
+    """---------------------------------------------------------------- workflows
+
+    Runs a published workflow (`appliance workflows publish FILE.yaml`) over texts: its steps
+    (classify, extract, embed, retrieve, generate, branch) run as a graph, independent steps at
+    once, each under its own policy, timeout and on_failure. The scope is `workflow:<name>`; an
+    unknown workflow is NOT_FOUND. The call's deadline covers the whole run: each step gets what
+    is left of it. A run whose step fails with `on_failure: fail` gets that step's status, its
+    details naming the step.
+    """
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/appliance.v1.WorkflowService/Run',
+            appliance_dot_v1_dot_appliance__pb2.RunWorkflowRequest.SerializeToString,
+            appliance_dot_v1_dot_appliance__pb2.RunWorkflowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/appliance.v1.WorkflowService/RunStream',
+            appliance_dot_v1_dot_appliance__pb2.RunWorkflowRequest.SerializeToString,
+            appliance_dot_v1_dot_appliance__pb2.RunWorkflowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
