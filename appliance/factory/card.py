@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from appliance.loop.gate import GateConfig
+from appliance.loop.gate import describe as describe_gate
+
 if TYPE_CHECKING:
     from appliance.artifact.manifest import SpecialistFields
     from appliance.dataset import DataWarning
@@ -100,6 +103,11 @@ def render(
         "classified with unreliable confidence: keep the cascade policy on.",
         f"- Texts longer than {fields.encoder.window} word pieces are truncated (flagged per result).",
         "- The threshold was calibrated on the held-out data above; re-check it when traffic drifts.",
+        "",
+        "## Promotion",
+        "A later version replaces the serving one only through `appliance gate NAME:VERSION` and "
+        f"`appliance promote`. The gate's defaults: {describe_gate(GateConfig())}; set them in "
+        "`$APPLIANCE_HOME/loop/policy.json` (auto-promotion on a pass is off by default).",
         "",
     ]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import ApplianceError, InvalidArgument
-from appliance.loop.gate import GateConfig, Verdict
+from appliance.loop.gate import GateConfig, Verdict, describe
 
 if TYPE_CHECKING:
     from appliance.loop.promotion import Loader
@@ -25,11 +25,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "gate",
         help="score a challenger against the champion on the golden set and recent corrections",
         description=(
-            f"Passes when, on the golden set, the challenger's accuracy is at most "
-            f"{_DEFAULTS.max_accuracy_drop_points:g} points below the champion's, its coverage at the target "
-            f"precision ({_DEFAULTS.target_precision:g}) is no lower, and McNemar's test (mid-p < "
-            f"{_DEFAULTS.alpha:g}) does not find it worse. Defaults come from "
-            "$APPLIANCE_HOME/loop/policy.json when present. The verdict is recorded beside the version."
+            f"Passes when, {describe(_DEFAULTS)}. Defaults come from $APPLIANCE_HOME/loop/policy.json "
+            "when present. The verdict is recorded beside the version."
         ),
     )
     gate.add_argument("model", help="the challenger, NAME:VERSION")

@@ -157,6 +157,17 @@ class Verdict:
         )
 
 
+def describe(config: GateConfig) -> str:
+    """The rule in one sentence, as the model card and ``appliance gate --help`` state it."""
+    return (
+        f"on the golden set, accuracy at most {config.max_accuracy_drop_points:g} points below the "
+        "champion's, "
+        f"coverage at precision {config.target_precision:g} at least the champion's"
+        + (f" {config.min_coverage_gain_points:+g} points" if config.min_coverage_gain_points else "")
+        + f", and McNemar's paired test (mid-p < {config.alpha:g}) not finding it worse"
+    )
+
+
 def side_scores(predictions: Predictions, truth: Sequence[str], target: float) -> SideScores:
     correct = np.array([p == t for p, t in zip(predictions.labels, truth, strict=True)], dtype=np.float64)
     calibration = calibrate_threshold(np.asarray(predictions.confidence, dtype=np.float64), correct, target)

@@ -125,6 +125,7 @@ def test_the_model_card_records_an_fp32_decision() -> None:
     assert "Published as **fp32**" in text
     assert reason in text and "fp32 kept" in text
     assert "fp32 held-out accuracy 95.00%, int8 90.00%" in text
+    assert "## Promotion" in text and "at most 0.2 points below the champion's" in text
 
 
 # -- input checks, before any export -----------------------------------------------------------------------

@@ -166,3 +166,13 @@ def test_policy_file_sets_auto_promotion_and_the_rule(tmp_path: Path) -> None:
     (tmp_path / "loop" / "policy.json").write_text(json.dumps({"gate": {"nonsense": 1}}))
     with pytest.raises(FailedPrecondition, match="not a loop policy"):
         LoopPolicy.read(tmp_path)
+
+
+
+def test_the_rule_is_described_from_its_settings() -> None:
+    from appliance.loop.gate import describe
+
+    text = describe(GateConfig())
+    assert "0.2 points" in text and "precision 0.99" in text and "mid-p < 0.05" in text
+    custom = describe(GateConfig(max_accuracy_drop_points=1.0, min_coverage_gain_points=-2.0, alpha=0.01))
+    assert "1 points" in custom and "-2 points" in custom and "mid-p < 0.01" in custom
