@@ -8,6 +8,7 @@ through one replica's LoadModel; the other follows the durable SERVING record by
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -142,11 +143,18 @@ def test_the_gate_refuses_a_worse_challenger_and_promotion_needs_it(
     replicas: tuple[App, App], home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     a, _ = replicas
-    golden = subset(DATA / "test.csv", home / "golden.csv", 20, 1)
-    assert main(["gate", f"{MODEL}:3", "--golden", str(golden), "--json"]) == 2
-    out = capsys.readouterr().out
-    assert '"passed": false' in out and "p_mid" in out
+    # the golden set the champion's lineage names in the dataset store
+    assert main(["gate", f"{MODEL}:3", "--json"]) == 2
+    verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert verdict["passed"] is False and verdict["champion_version"] == 1
+    assert verdict["golden"]["source"].startswith("golden set ")
+    assert verdict["golden"]["accuracy_delta_points"] < -0.2
+    assert 0.0 <= verdict["golden"]["test"]["p_mid"] <= verdict["golden"]["test"]["p_exact"] <= 1.0
     assert (home / "models" / MODEL / "3.gate.json").is_file()
+    # or a labelled file of one's own
+    golden = subset(DATA / "test.csv", home / "golden.csv", 10, 1)
+    assert main(["gate", f"{MODEL}:2", "--golden", str(golden)]) in (0, 2)
+    assert "golden file golden.csv" in capsys.readouterr().out
     assert main(["promote", f"{MODEL}:3", "--address", f"127.0.0.1:{a.port}"]) == 1
     assert "failed the gate" in capsys.readouterr().err
     assert served(a)[0] == 1
@@ -163,7 +171,8 @@ def test_promotion_under_traffic_reaches_both_replicas_without_a_failed_call(
         assert wait_for(lambda: traffic.latest(a) == 2 and traffic.latest(b) == 2, 30), traffic.versions[-5:]
         followed_in = next(t for t, name, v in traffic.versions if name == b.name and v == 2) - promoted_at
         time.sleep(1.0)
-    print(f"\nreplica b served the promoted version {followed_in:.2f} s after LoadModel on replica a")
+    with capsys.disabled():
+        print(f"\nreplica b served the promoted version {followed_in:.2f} s after LoadModel on replica a")
     assert traffic.failures == [], traffic.failures[:5]
     for app in (a, b):  # once a replica answers with 2 it never answers with 1 again
         seen = [v for _, name, v in traffic.versions if name == app.name]
