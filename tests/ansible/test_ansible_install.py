@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SERVE_CONFIG = REPO / "deploy" / "serve" / "appliance.yaml"
 HEAD_ADDRESS, WORKER_ADDRESS = "192.0.2.10", "192.0.2.11"  # TEST-NET-1, only inside our namespaces
 OUTSIDER = "192.0.2.99"  # not a peer, not a client network
+REDIS, REDIS_PASSWORD = "192.0.2.20:6379", "redis-secret-for-the-test"  # the GCS option's external Redis
 CLIENT = "198.51.100.7"  # in the client network chroot_vars sets
 UNITS = {
     "head": ("appliance-ray-head.service", "appliance-server.service", "appliance-perimeter.service"),
@@ -55,7 +56,15 @@ def cluster(
     targets = {"head": make_target("head"), "worker": make_target("worker")}
     inventory = write_inventory(
         tmp_path_factory.mktemp("inventory") / "cluster.ini",
-        heads={"head": {"ansible_host": str(targets["head"]), "appliance_address": HEAD_ADDRESS}},
+        heads={
+            "head": {
+                "ansible_host": str(targets["head"]),
+                "appliance_address": HEAD_ADDRESS,
+                # GCS fault tolerance on: the unit and its secret file must converge and stay put too
+                "appliance_ray_head_gcs_redis_address": REDIS,
+                "appliance_ray_head_gcs_redis_password": REDIS_PASSWORD,
+            }
+        },
         workers={"worker": {"ansible_host": str(targets["worker"]), "appliance_address": WORKER_ADDRESS}},
         **chroot_vars(bundle_with_model, str(SERVE_CONFIG), release_key=release_key),
     )
@@ -170,6 +179,15 @@ def test_units_are_installed_enabled_and_valid(cluster: Cluster) -> None:
     assert f"--address {HEAD_ADDRESS}:6379" in worker_unit
     head_unit = (cluster.targets["head"] / "etc/systemd/system/appliance-ray-head.service").read_text()
     assert "--dashboard-host 127.0.0.1" in head_unit and "--include-dashboard false" in head_unit
+    for unit in (head_unit, worker_unit):  # one ingress replica per node (serve/placement.py)
+        assert """--resources '{"appliance_ingress": 1}'""" in unit
+    assert f"Environment=RAY_REDIS_ADDRESS={REDIS}" in head_unit.splitlines()
+    assert "--redis-password ${APPLIANCE_RAY_REDIS_PASSWORD}" in head_unit and REDIS_PASSWORD not in head_unit
+    secret = cluster.targets["head"] / "etc/appliance/ray-redis.env"
+    assert secret.read_text() == f"APPLIANCE_RAY_REDIS_PASSWORD={REDIS_PASSWORD}\n"
+    assert (secret.stat().st_uid, secret.stat().st_mode & 0o777) == (0, 0o600)
+    assert REDIS_PASSWORD not in cluster.converge.output + cluster.second.output
+    assert "RAY_gcs_rpc_server_reconnect_timeout_s=60" in worker_unit
 
 
 def test_serve_config_installed(cluster: Cluster) -> None:
