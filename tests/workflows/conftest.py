@@ -8,11 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from appliance.dataset.records import LabelledRow
 from appliance.datasets.store import DatasetStore
 from appliance.factory import pipeline
+from appliance.router.cascade import Cascade
+from appliance.router.cost import CostModel
+from appliance.router.escalations import EscalationStore
+from appliance.router.metrics import RouterMetrics
 from appliance.security.tokens import TokenStore
+from appliance.serve.runtime import RuntimeSettings, ServingRuntime
 from appliance.store import ModelStore
 from tests.helpers.extractor import EXTRACTOR, build_extractor
 from tests.security.test_security_server import LiveServer, published_home
@@ -58,11 +64,35 @@ def tokens(home: Path) -> TokenStore:
     return TokenStore(home / "tokens" / "tokens.json")
 
 
+class RoutedServer(LiveServer):
+    """The live server with the cascade router as ``appliance serve`` builds it, here without a
+    generalist: a policy that needs one is FAILED_PRECONDITION, as on a box that has none."""
+
+    async def _start(self) -> int:
+        from appliance.api.server import ApplianceServer
+
+        self.escalations = EscalationStore(self.home / "escalations" / "escalations.db", strict=False)
+        router = Cascade(None, self.escalations, CostModel(cores=2), RouterMetrics(CollectorRegistry()))
+        self.runtime = ServingRuntime(
+            RuntimeSettings(models=self.models), store=ModelStore(self.home), router=router
+        )
+        self.server = ApplianceServer(self.runtime, self.settings)
+        port = await self.server.start()
+        await self.runtime.start()
+        if not self.runtime.is_ready():
+            raise RuntimeError(f"{self.models} did not load: {self.runtime.start_errors}")
+        return port
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self.escalations.close()
+
+
 @pytest.fixture(scope="module")
 def live(home: Path) -> Iterator[LiveServer]:
     from tests.security.test_security_server import MODEL
 
-    with LiveServer(home, models=(MODEL, EXTRACTOR, SHARED)) as server:
+    with RoutedServer(home, models=(MODEL, EXTRACTOR, SHARED)) as server:
         yield server
 
 
