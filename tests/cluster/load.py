@@ -1,11 +1,12 @@
 """Steady Classify load through one failover channel, run inside the client's network namespace.
 
-    python load.py ENDPOINTS SERVER_NAME CA TOKEN_FILE SECONDS CONCURRENCY OUT [MAX_REQUESTS]
+    python load.py ENDPOINTS SERVER_NAME CA TOKEN_FILE SECONDS CONCURRENCY OUT [MAX_REQUESTS [PAUSE_S]]
 
 ENDPOINTS is the comma list the client balances over. Each call carries a fresh request id; one
 JSON line per call goes to OUT: start and end (seconds from ``origin``, the run's start on the
 machine's monotonic clock, which every namespace shares), the status code name ("OK" or the gRPC
-code) and the request id. Bounded by SECONDS and MAX_REQUESTS.
+code) and the request id. Bounded by SECONDS and MAX_REQUESTS; each caller waits PAUSE_S (default
+0.02: steady, not flat out) between its calls.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ TEXTS = [
 def main() -> None:
     endpoints, server_name, ca, token_file, seconds, concurrency, out = sys.argv[1:8]
     limit = int(sys.argv[8]) if len(sys.argv) > 8 else 100_000
+    pause = float(sys.argv[9]) if len(sys.argv) > 9 else 0.02
     token = Path(token_file).read_text().strip()
     conn = Connection(endpoints, tls=True, ca=Path(ca), token=token, server_name=server_name)
     stop_at = time.monotonic() + float(seconds)
@@ -64,7 +66,7 @@ def main() -> None:
                         + "\n"
                     )
                     sink.flush()
-                time.sleep(0.02)  # steady, not flat out: the box has two cores for three nodes
+                time.sleep(pause)
 
         threads = [threading.Thread(target=worker) for _ in range(int(concurrency))]
         for thread in threads:

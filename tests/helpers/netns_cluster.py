@@ -172,7 +172,13 @@ class ApplianceCluster:
         return "\n".join(f"--- {log}\n{log.read_text(errors='replace')[-2500:]}" for log in logs)
 
     def load(
-        self, seconds: float, concurrency: int, out: Path, max_requests: int, names: list[str] | None = None
+        self,
+        seconds: float,
+        concurrency: int,
+        out: Path,
+        max_requests: int,
+        names: list[str] | None = None,
+        pause_s: float = 0.02,
     ) -> subprocess.Popen[bytes]:
         """Classify load from the client box over the endpoints of ``names`` (default: every node)."""
         ca = self.homes["head"] / "pki" / "ca.crt"
@@ -186,7 +192,7 @@ class ApplianceCluster:
             str(ca),
             str(token_file),
         ]
-        argv += [str(seconds), str(concurrency), str(out), str(max_requests)]
+        argv += [str(seconds), str(concurrency), str(out), str(max_requests), str(pause_s)]
         return self.net.spawn("client", argv, self.env, self.log("load"))
 
 
