@@ -345,8 +345,9 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         For a method the server does not serve (``served=False``), an authenticated caller learns
         UNIMPLEMENTED; nobody else learns whether it exists."""
         call.peer = context.peer() or ""
-        call.cert = _peer_subject(context)
-        self._check_revocation(context)
+        auth = context.auth_context() or {}  # built anew by each call to it: once per call
+        call.cert = _peer_subject(auth)
+        self._check_revocation(auth)
         metadata = _metadata(context)
         undecodable = request if isinstance(request, _Undecodable) else None
         self._describe(call, None if undecodable else request, metadata)
@@ -418,9 +419,9 @@ class AuthAuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
         """How many admitted calls of ``token`` have not ended yet."""
         return self._in_progress.get(token, 0)
 
-    def _check_revocation(self, context: grpc.aio.ServicerContext) -> None:
+    def _check_revocation(self, auth: Mapping[str, Any]) -> None:
         """A revoked client certificate is refused on every method, open ones included."""
-        pem = _peer_certificate(context)
+        pem = _peer_certificate(auth)
         if self.revocations is None or pem is None:
             return
         try:
@@ -555,9 +556,8 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return found
 
 
-def _peer_subject(context: grpc.aio.ServicerContext) -> str | None:
-    """The verified client certificate's subject, when the channel is mTLS."""
-    auth = context.auth_context() or {}
+def _peer_subject(auth: Mapping[str, Any]) -> str | None:
+    """The verified client certificate's subject (from the call's auth context), when mTLS."""
     subject = auth.get("x509_subject")
     if subject:
         return bytes(next(iter(subject))).decode(errors="replace")
@@ -567,9 +567,9 @@ def _peer_subject(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
-def _peer_certificate(context: grpc.aio.ServicerContext) -> bytes | None:
-    """The verified client certificate (PEM), when the channel is mTLS."""
-    pem = (context.auth_context() or {}).get("x509_pem_cert")
+def _peer_certificate(auth: Mapping[str, Any]) -> bytes | None:
+    """The verified client certificate (PEM, from the call's auth context), when mTLS."""
+    pem = auth.get("x509_pem_cert")
     return bytes(next(iter(pem))) if pem else None
 
 

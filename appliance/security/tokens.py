@@ -147,15 +147,30 @@ def has_scope(granted: Iterable[str], required: str) -> bool:
     return bool(sep) and kind in MODEL_SCOPE_KINDS and f"{kind}:*" in granted
 
 
+@dataclass(frozen=True)
+class _Verified:
+    """A secret that matched: who it speaks for and until when (epoch seconds; None: no end)."""
+
+    principal: Principal
+    expires_at: float | None
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> _Verified:
+        principal = Principal(name=record["name"], token_id=record["id"], scopes=frozenset(record["scopes"]))
+        expires = record.get("expires_at")
+        return cls(principal, dt.datetime.fromisoformat(expires).timestamp() if expires else None)
+
+
 class TokenStore:
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else state_dir("tokens") / "tokens.json"
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, Any]] = {}
         self._signature: tuple[int, int, int] | None = None
-        # keyed digest of a verified secret -> token id; the key never leaves this process
+        # keyed digest of a verified secret -> what it verified as; the key never leaves this
+        # process, and the table is emptied whenever the file changes (revocation, rotation)
         self._cache_key = secrets.token_bytes(32)
-        self._verified: dict[bytes, str] = {}
+        self._verified: dict[bytes, _Verified] = {}
 
     # ------------------------------------------------------------------------------------ writes
 
@@ -227,22 +242,26 @@ class TokenStore:
         token_id, random_part = parsed
         digest = hmac.new(self._cache_key, secret.encode(), hashlib.sha256).digest()
         with self._lock:
-            self._reload_if_changed()
-            record = self._records.get(token_id)
-            if record is None or record["revoked_at"] is not None:
+            self._reload_if_changed()  # one stat: a revocation empties the cache on the next call
+            known = self._verified.get(digest)
+            record = self._records.get(token_id) if known is None else None
+            read_from = self._signature
+            if known is None and (record is None or record["revoked_at"] is not None):
                 return None
-            known = self._verified.get(digest) == token_id
-        if not known:
+        if known is None:
+            assert record is not None
             if not _matches(record, random_part):
                 return None
+            known = _Verified.of(record)
             with self._lock:
                 if len(self._verified) >= _CACHE_LIMIT:
                     self._verified.clear()
-                self._verified[digest] = token_id
+                if self._signature == read_from:  # else the record may be revoked by now: no entry
+                    self._verified[digest] = known
         # checked after the secret matched, so that "expired" is said only to its holder
-        if record.get("expires_at") and _expired(record["expires_at"]):
+        if known.expires_at is not None and known.expires_at <= time.time():
             raise TokenExpired()
-        return Principal(name=record["name"], token_id=token_id, scopes=frozenset(record["scopes"]))
+        return known.principal
 
     # --------------------------------------------------------------------------------- internals
 
