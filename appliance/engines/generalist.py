@@ -581,7 +581,8 @@ def parse_span_answer(answer: str, labels: Sequence[str]) -> list[SpanClaim]:
     """The spans of a schema-constrained answer; ApplianceError if it is not one (the grammar
     should make that impossible: say so rather than guess)."""
     try:
-        items = json.loads(answer)["spans"]
+        # strict=False: xgrammar's JSON strings admit raw control characters, which strict JSON does not.
+        items = json.loads(answer, strict=False)["spans"]
         claims = [SpanClaim(label=item["label"], text=item["text"]) for item in items]
     except (ValueError, KeyError, TypeError) as e:
         raise ApplianceError(f"constrained output {answer[:200]!r} is not an extraction answer: {e}") from e
