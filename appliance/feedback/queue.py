@@ -13,7 +13,7 @@ import csv
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,9 @@ def _format(path: Path, fmt: str | None) -> str:
     return chosen
 
 
-def _write(path: Path, columns: Sequence[str], records: Iterable[dict[str, object]], fmt: str | None) -> int:
+def _write(
+    path: Path, columns: Sequence[str], records: Iterable[Mapping[str, object]], fmt: str | None
+) -> int:
     chosen = _format(path, fmt)
     n = 0
     with path.open("w", newline="", encoding="utf-8") as handle:

@@ -676,7 +676,8 @@ class EscalationStore:
 
         A decision corrected twice appears twice; the later one (same :attr:`Correction.target`)
         overrides the earlier."""
-        clauses, params = ["1 = 1"], []
+        clauses: list[str] = ["1 = 1"]
+        params: list[object] = []
         if model is not None:
             clauses.append("c.model = ?")
             params.append(model)
@@ -828,11 +829,26 @@ def _resolve(conn: sqlite3.Connection, request: CorrectionRequest) -> Correction
 
 
 def _candidate(row: Sequence[object]) -> ReviewCandidate:
-    *head, margin, top, created = row
+    decision_id, escalation_id, request_id, item, model, version, text, digest, served, route = row[:10]
+    confidence, margin, top, created = row[10:]
     if margin is None:  # an escalation's decision row from schema 1: the margin from its top labels
         scores = [float(score) for _, score in json.loads(str(top))] if top else [0.0]
         margin = scores[0] - (scores[1] if len(scores) > 1 else 0.0)
-    return ReviewCandidate(*head, margin=float(margin), created_epoch=float(created))  # type: ignore[arg-type]
+    return ReviewCandidate(
+        decision_id=int(decision_id),  # type: ignore[call-overload]
+        escalation_id=None if escalation_id is None else str(escalation_id),
+        request_id=str(request_id),
+        item=None if item is None else int(item),  # type: ignore[call-overload]
+        model=str(model),
+        model_version=int(version),  # type: ignore[call-overload]
+        text=None if text is None else str(text),
+        text_sha256=None if digest is None else str(digest),
+        served_label=None if served is None else str(served),
+        route=str(route),
+        confidence=None if confidence is None else float(confidence),  # type: ignore[arg-type]
+        margin=float(margin),  # type: ignore[arg-type]
+        created_epoch=float(created),  # type: ignore[arg-type]
+    )
 
 
 def _target(row: Sequence[object]) -> CorrectionTarget:

@@ -49,6 +49,10 @@ class FeedbackServer(LiveServer):
         self.store: EscalationStore | None = None
         self.router: Cascade | None = None
 
+    def __enter__(self) -> FeedbackServer:
+        super().__enter__()
+        return self
+
     async def _start(self) -> int:
         self.store = EscalationStore(database_path(self.home), store_texts=True, strict=False)
         self.router = router = Cascade(

@@ -21,6 +21,7 @@ import pytest
 
 from appliance.cli import main
 from appliance.config import apply_offline_env
+from appliance.dataset.records import LabelledRow
 from appliance.datasets.store import DatasetStore
 from appliance.errors import FailedPrecondition
 from appliance.factory.pipeline import TrainSpec, train
@@ -150,7 +151,7 @@ def corrected(home: Path) -> dict[str, object]:
                 NAME,
                 CorrectionRequest(source="human:t", request_id="req-a", item=i, label=label),
             )
-        other = LABELS[1] if golden.rows[0].label != LABELS[1] else LABELS[2]
+        other = LABELS[1] if golden.labelled().labels[0] != LABELS[1] else LABELS[2]
         record(store, models, NAME, CorrectionRequest(source="human:t", request_id="req-g", label=other))
     return {"corrected": rows, "distilled": distill}
 
@@ -175,7 +176,7 @@ def test_a_retrain_publishes_a_challenger_that_is_not_served(
     assert challenger.lineage.distilled == 4
     assert challenger.lineage.golden_dataset == champion.lineage.golden_dataset  # the same golden set
     trained = datasets.get(challenger.lineage.train_dataset or "").rows
-    origins = {r.text: r.origin for r in trained}
+    origins = {r.text: r.origin for r in trained if isinstance(r, LabelledRow)}
     assert all(origins[t] == "correction:human:t" for t, _ in corrected["corrected"])  # type: ignore[attr-defined]
     assert all(origins[t] == "generalist" for t, _ in corrected["distilled"])  # type: ignore[attr-defined]
     golden = datasets.get(champion.lineage.golden_dataset or "").rows

@@ -42,7 +42,9 @@ def escalation(request_id: str = "req-1", text: str = "where is my card?") -> Es
     )
 
 
-def decision(request_id: str, item: int, label: str = "balance", escalation_id: str = "", **kw: object):
+def decision(
+    request_id: str, item: int, label: str = "balance", escalation_id: str = "", **kw: object
+) -> DecisionRecord:
     route = "generalist" if escalation_id else "specialist"
     return DecisionRecord(
         "bank", 3, route, "cascade", COST, 1.0, request_id, escalation_id=escalation_id, item=item,
