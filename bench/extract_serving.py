@@ -182,8 +182,8 @@ def build_models(home: Path) -> tuple[str, str]:
     store = ModelStore(home)
     data = Path(__file__).resolve().parents[1] / "appliance" / "data" / "banking77"
     if not store.versions("bench-r8k"):
-        spec = ExtractSpec(data=DATA / "train_4.json", name="bench-r8k", limit=200)
-        train_extractor(spec, store, progress=lambda _: None)
+        slots = ExtractSpec(data=DATA / "train_4.json", name="bench-r8k", limit=200)
+        train_extractor(slots, store, progress=lambda _: None)
     if not store.versions("bench-intents"):
         # Published at the extractor's precision, whatever the int8 gate would choose: only a
         # classifier on the very same encoder artifact shares the extractor's pass.
