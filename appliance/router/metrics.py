@@ -11,7 +11,9 @@ and the cost per 1,000 decisions on a route::
     1000 * rate(appliance_cost_price_total[1h]) / rate(appliance_decisions_total[1h])
 
 An escalation is a decision the generalist answered (``route="generalist"``), under the cascade
-or under ``generalist_only``. Prices are in the cost model's currency.
+or under ``generalist_only``. Prices are in the cost model's currency. For an extractor each text
+is one decision; ``appliance_generalist_spans_dropped_total`` counts the spans the generalist
+claimed that were not in their text (dropped, never answered).
 
 Constructing :class:`RouterMetrics` twice on one registry (the default one, or any other) shares
 the first construction's collectors instead of failing with a duplicate registration.
