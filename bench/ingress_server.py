@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,21 +47,23 @@ def started(
     *,
     count: int = 1,
     cores: int = 0,
-    cpus: str | None = None,
+    cpus_of: Callable[[int], str | None] | None = None,
     insecure: bool = False,
     timeout: float = 300.0,
 ) -> Iterator[list[Ingress]]:
-    """``count`` ingress processes on ``port`` (0 only for one), each pinned to ``cpus`` (a
-    ``taskset -c`` list) when given; yields them once all are warm, stops them after."""
+    """``count`` ingress processes on ``port`` (0 only for one), process ``i`` pinned to
+    ``cpus_of(i)`` (a ``taskset -c`` list; None: anywhere); yields them once all are warm, stops
+    them after."""
     if count > 1 and port == 0:
         raise ValueError("several ingress processes share one port: give a port, not 0")
     argv = [sys.executable, "-m", "bench.ingress_server", "--home", str(home), "--port", str(port)]
     argv += [f"--model={m}" for m in models] + ["--cores", str(cores)]
     argv += ["--insecure-loopback"] if insecure else []
-    pinned = ["taskset", "-c", cpus] if cpus else []
-    children = [
-        subprocess.Popen([*pinned, *argv], cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(count)
-    ]
+    children = []
+    for index in range(count):
+        cpus = cpus_of(index) if cpus_of is not None else None
+        pinned = ["taskset", "-c", cpus] if cpus else []
+        children.append(subprocess.Popen([*pinned, *argv], cwd=REPO, stdout=subprocess.PIPE, text=True))
     try:
         yield [_ready(child, timeout) for child in children]
     finally:
