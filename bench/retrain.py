@@ -147,7 +147,8 @@ class EmbeddedPredictor:
     def predict(self, texts: Sequence[str]) -> Predictions:
         probs = self.version.probs(self.x[[self.rows[t] for t in texts]])
         top = probs.argmax(axis=1)
-        return Predictions([self.labels[i] for i in top], probs[np.arange(len(top)), top])
+        confidence = probs[np.arange(len(top)), top]
+        return Predictions([self.labels[i] for i in top], confidence, self.version.threshold)
 
 
 @dataclass(frozen=True)

@@ -134,11 +134,16 @@ def evaluate(probs: np.ndarray, y: np.ndarray, labels: list[str], target_precisi
 def precision_at(probs: np.ndarray, y: np.ndarray, threshold: float) -> tuple[float, float]:
     """(coverage, precision) of decisions at or above a fixed threshold."""
     pred = probs.argmax(axis=1)
-    confidence = probs[np.arange(len(pred)), pred]
+    return selective(probs[np.arange(len(pred)), pred], pred == y, threshold)
+
+
+def selective(confidence: np.ndarray, correct: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(coverage, precision) of the decisions whose confidence is at or above ``threshold``;
+    NaN precision when none is."""
     kept = confidence >= threshold
     if not kept.any():
         return 0.0, float("nan")
-    return float(kept.mean()), float((pred[kept] == y[kept]).mean())
+    return float(kept.mean()), float(np.asarray(correct, dtype=bool)[kept].mean())
 
 
 # -- out of scope ------------------------------------------------------------------------------------

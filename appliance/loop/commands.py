@@ -188,7 +188,7 @@ def render_verdict(v: Verdict) -> str:
         + ("PASS" if v.passed else "REFUSED"),
         "",
         f"{'set':<34} {'n':>6} {'acc champ':>10} {'acc chall':>10} {'cov champ':>10} {'cov chall':>10} "
-        f"{'b':>5} {'c':>5} {'mid-p':>8}",
+        f"{'prec chall':>10} {'b':>5} {'c':>5} {'mid-p':>8}",
     ]
     for comparison in (v.golden, v.traffic):
         if comparison is None:
@@ -197,10 +197,14 @@ def render_verdict(v: Verdict) -> str:
         lines.append(
             f"{comparison.source[:34]:<34} {comparison.n:>6} {pct(comparison.champion.accuracy):>10} "
             f"{pct(comparison.challenger.accuracy):>10} {pct(comparison.champion.coverage):>10} "
-            f"{pct(comparison.challenger.coverage):>10} {t.b:>5} {t.c:>5} {t.p_mid:>8.4f}"
+            f"{pct(comparison.challenger.coverage):>10} {pct(comparison.challenger.precision):>10} "
+            f"{t.b:>5} {t.c:>5} {t.p_mid:>8.4f}"
         )
     lines.append("")
-    lines.append(f"coverage at precision {v.config.target_precision:g}; the gate reads the golden set only")
+    lines.append(
+        f"coverage: the share at or above each version's threshold ({v.golden.champion.threshold_source}, "
+        f"target precision {v.config.target_precision:g}); the gate reads the golden set only"
+    )
     for check in v.checks:
         lines.append(f"{'ok  ' if check.passed else 'FAIL'} {check.name:<9} {check.detail}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ class SpecialistPredictor:
             labels = [
                 oos.label if c < oos.threshold else label for label, c in zip(labels, confidence, strict=True)
             ]
-        return Predictions(labels, confidence)
+        return Predictions(labels, confidence, self.specialist.threshold)
 
 
 def golden_from_file(path: Path, text_column: str, label_column: str) -> LabelledTexts:

@@ -34,10 +34,11 @@ class Fixed:
 
     labels: list[str]
     confidence: np.ndarray
+    threshold: float | None = None
 
     def predict(self, texts: Sequence[str]) -> Predictions:
         index = [int(t[1:]) for t in texts]
-        return Predictions([self.labels[i] for i in index], self.confidence[index])
+        return Predictions([self.labels[i] for i in index], self.confidence[index], self.threshold)
 
 
 def golden(n: int = N) -> LabelledTexts:
@@ -94,6 +95,20 @@ def test_coverage_lower_at_the_target_precision_is_refused() -> None:
     assert checks["accuracy"].passed and checks["mcnemar"].passed
     assert not checks["coverage"].passed
     assert verdict.golden.challenger.coverage == 0.0
+
+
+def test_coverage_at_each_versions_calibrated_threshold() -> None:
+    base = predictor(set(range(0, 40)), seed=1)
+    champion = Fixed(base.labels, base.confidence, threshold=0.6)
+    timid = Fixed(base.labels, base.confidence, threshold=0.95)  # same answers, a higher threshold
+    verdict = judge("m", (1, 2), (champion, timid), golden(), None, GateConfig())
+    golden_scores = verdict.golden
+    assert golden_scores.champion.threshold_source == "calibrated" and golden_scores.champion.threshold == 0.6
+    expected = float((base.confidence >= 0.95).mean())
+    assert golden_scores.challenger.coverage == pytest.approx(expected)
+    right = np.array([p == t for p, t in zip(base.labels, golden().labels, strict=True)])
+    assert golden_scores.challenger.precision == pytest.approx(right[base.confidence >= 0.95].mean())
+    assert [c.name for c in verdict.checks if not c.passed] == ["coverage"]
 
 
 def test_traffic_is_reported_never_gated() -> None:
@@ -166,7 +181,6 @@ def test_policy_file_sets_auto_promotion_and_the_rule(tmp_path: Path) -> None:
     (tmp_path / "loop" / "policy.json").write_text(json.dumps({"gate": {"nonsense": 1}}))
     with pytest.raises(FailedPrecondition, match="not a loop policy"):
         LoopPolicy.read(tmp_path)
-
 
 
 def test_the_rule_is_described_from_its_settings() -> None:
