@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     serve.add_argument("--insecure-loopback", action="store_true", help="plaintext gRPC, loopback binds only")
     serve.add_argument("--mtls", action="store_true", help="require client certificates from the local CA")
+    serve.add_argument(
+        "--ingress-per-node",
+        type=int,
+        help="ingress processes on this box, all on --port (default: one per two cores, 1 to 8)",
+    )
     serve.set_defaults(func=run_serve)
 
     status = sub.add_parser("status", help="is the appliance up, and what does it serve")
@@ -72,6 +77,7 @@ def app_args_from(ns: argparse.Namespace) -> Any:
         "models": ns.models,
         "insecure_loopback": ns.insecure_loopback or None,
         "require_client_cert": ns.mtls or None,
+        "ingress_per_node": ns.ingress_per_node,
     }
     args.update({k: v for k, v in overrides.items() if v is not None})
     window = {"max_model_len": ns.generalist_max_model_len} if ns.generalist_max_model_len else {}

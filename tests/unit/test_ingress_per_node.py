@@ -68,3 +68,15 @@ def test_sibling_processes_take_the_next_metrics_port() -> None:
         assert port == base + 1
         with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{base}: "):
             _start_metrics(ServingMetrics(), base, processes=1)
+
+
+def test_appliance_serve_takes_the_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.cli import build_parser
+    from appliance.serve.commands import app_args_from
+
+    monkeypatch.setenv("APPLIANCE_HOME", str(tmp_path))
+    parser = build_parser()
+    assert app_args_from(parser.parse_args(["serve", "--ingress-per-node", "3"])).ingress_count == 3
+    assert app_args_from(parser.parse_args(["serve"])).ingress_per_node is None
+    with pytest.raises(ValueError, match="ingress_per_node"):
+        app_args_from(parser.parse_args(["serve", "--ingress-per-node", "0"]))
