@@ -70,7 +70,18 @@ def _banking77_texts() -> Iterator[str]:
         yield label.replace("_", " ")
 
 
-def _is_built(out_dir: Path, seed: int) -> bool:
+# A larger sibling (about 8x the parameters of the layers), for mixes of generalists of two sizes.
+LARGER_SHAPE: ModelShape = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+}
+
+
+def _is_built(out_dir: Path, seed: int, shape: ModelShape) -> bool:
     marker = out_dir / MARKER
     if not marker.is_file():
         return False
@@ -78,17 +89,18 @@ def _is_built(out_dir: Path, seed: int) -> bool:
         meta = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return bool(meta.get("recipe") == RECIPE_VERSION and meta.get("seed") == seed)
+    same_shape = all(meta.get(key) == value for key, value in shape.items())
+    return bool(meta.get("recipe") == RECIPE_VERSION and meta.get("seed") == seed and same_shape)
 
 
-def build_tiny_llm(out_dir: Path, seed: int = 0) -> Path:
+def build_tiny_llm(out_dir: Path, seed: int = 0, shape: ModelShape = MODEL_SHAPE) -> Path:
     """Build (or reuse) a tiny random Llama causal LM with its tokenizer in ``out_dir``.
 
     Returns ``out_dir``, a Hugging Face model folder that vLLM and ``transformers`` load. The
     marker file is written last, so an interrupted build is redone rather than reused.
     """
     out_dir = Path(out_dir)
-    if _is_built(out_dir, seed):
+    if _is_built(out_dir, seed, shape):
         return out_dir
     apply_offline_env()
     # Heavy imports stay here: importing this module must not pull in torch.
@@ -121,7 +133,7 @@ def build_tiny_llm(out_dir: Path, seed: int = 0) -> Path:
         unk_token=UNK,
         additional_special_tokens=ROLE_TOKENS,
         chat_template=CHAT_TEMPLATE,
-        model_max_length=MODEL_SHAPE["max_position_embeddings"],
+        model_max_length=shape["max_position_embeddings"],
     )
     tokenizer.save_pretrained(out_dir)
 
@@ -131,12 +143,12 @@ def build_tiny_llm(out_dir: Path, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        **MODEL_SHAPE,
+        **shape,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out_dir)
 
-    meta = {"recipe": RECIPE_VERSION, "seed": seed, "vocab_size": len(tokenizer), **MODEL_SHAPE}
+    meta = {"recipe": RECIPE_VERSION, "seed": seed, "vocab_size": len(tokenizer), **shape}
     (out_dir / MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out_dir
