@@ -53,6 +53,7 @@ class RetrainPlan:
     corrections: int = 0  # corrected decisions trained on
     without_text: int = 0  # corrections recorded without their text (store_texts off): cannot train
     on_golden: int = 0  # corrections of golden texts: never trained on
+    golden_overlap: int = 0  # champion training rows whose text is golden too: left out
     spans: int = 0  # span corrections, which a classifier cannot use
     overridden: int = 0  # champion training rows a correction replaced
     distilled: int = 0  # rows the generalist labelled
@@ -67,13 +68,14 @@ class RetrainPlan:
             "corrections_on_golden": self.on_golden,
             "span_corrections_ignored": self.spans,
             "rows_overridden": self.overridden,
+            "golden_rows_left_out": self.golden_overlap,
             "distilled": self.distilled,
             "new_labels": self.new_labels,
             "golden_dataset": self.golden_digest,
         }
 
-    def notes(self) -> list[str]:
-        """What a person reading the report should know."""
+    def left_out(self) -> list[str]:
+        """The corrections that could not train, and why."""
         out = []
         if self.without_text:
             out.append(
@@ -86,6 +88,13 @@ class RetrainPlan:
             )
         if self.spans:
             out.append(f"{self.spans} span correction(s) were left out: this model classifies")
+        return out
+
+    def notes(self) -> list[str]:
+        """What a person reading the report should know."""
+        out = self.left_out()
+        if self.golden_overlap:
+            out.append(f"{self.golden_overlap} training row(s) of the champion share a golden text: left out")
         if self.new_labels:
             out.append(f"new label(s) trained: {', '.join(self.new_labels)}")
         return out
@@ -153,14 +162,18 @@ def plan(
         if store is not None:
             store.close()
 
+    # A training row whose text is also golden (a training file that shares texts with the eval
+    # file) is dropped too: the golden set is never trained on.
+    own = [r for r in base if isinstance(r, LabelledRow) and normalized(r.text) not in golden]
+    out.golden_overlap = len(base) - len(own)
     replaced = corrected.keys() | distilled.keys()
-    kept = [r for r in base if isinstance(r, LabelledRow) and normalized(r.text) not in replaced]
-    out.overridden = len(base) - len(kept)
+    kept = [r for r in own if normalized(r.text) not in replaced]
+    out.overridden = len(own) - len(kept)
     out.rows = [*kept, *corrected.values(), *distilled.values()]
     out.corrections, out.distilled = len(corrected), len(distilled)
     out.new_labels = sorted({r.label for r in out.rows} - set(champion.spec.labels) - _oos(champion))
-    if canonical_jsonl(out.rows) == canonical_jsonl(base):
-        reasons = "; ".join(out.notes()) or "no corrections recorded for it"
+    if canonical_jsonl(out.rows) == canonical_jsonl(own):
+        reasons = "; ".join(out.left_out()) or "no corrections recorded for it"
         since = f" since {_iso(spec.since)}" if spec.since is not None else ""
         raise FailedPrecondition(
             f"nothing new to retrain {champion.spec.ref} on{since}: {reasons}. Record corrections with "
