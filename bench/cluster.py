@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -43,7 +44,8 @@ def throughput(
     cpu_before = {name: cluster.cpu_seconds(name) for name in names}
     texts_before = {name: cluster.texts_served(name) for name in names}
     out = work / f"load-{len(names)}.jsonl"
-    cluster.load(seconds, concurrency, out, max_requests=1_000_000, names=names).wait(timeout=seconds + 120)
+    load = cluster.load(seconds, concurrency, out, max_requests=1_000_000, names=names, pause_s=0.0)
+    load.wait(timeout=seconds + 120)
     records = _records(out)
     ok = [r for r in records if r["code"] == "OK"]
     per_node = {}
@@ -86,12 +88,41 @@ def failover(cluster: ApplianceCluster, seconds: float, concurrency: int, work: 
     }
 
 
+def head_loss(cluster: ApplianceCluster, seconds: float, concurrency: int, work: Path) -> dict[str, object]:
+    """Kill the head (its Ray, the GCS, ``appliance serve``) under load on w1, with no GCS fault
+    tolerance: how long w1 keeps answering, and when it stops."""
+    out = work / "head-loss.jsonl"
+    load = cluster.load(seconds, concurrency, out, max_requests=1_000_000, names=["w1"])
+    time.sleep(5.0)
+    killed = time.monotonic()
+    cluster.kill("head")
+    load.wait(timeout=seconds + 120)
+    records = _records(out)
+    kill_at = killed - float(records[0]["origin"])
+    after = [r for r in records if float(r["start"]) > kill_at]
+    ok_after = [float(r["end"]) - kill_at for r in after if r["code"] == "OK"]
+    failed_after = [float(r["start"]) - kill_at for r in after if r["code"] != "OK"]
+    return {
+        "requests_after_kill": len(after),
+        "ok_after_kill": len(ok_after),
+        "last_ok_after_s": round(max(ok_after), 1) if ok_after else None,
+        "first_failure_after_s": round(min(failed_after), 1) if failed_after else None,
+        "failed_codes": sorted({str(r["code"]) for r in after if r["code"] != "OK"}),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="per measurement")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="a few seconds each: checks the script only")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--head-loss-seconds",
+        type=float,
+        default=0.0,
+        help="then kill the head and load the worker this long (past the workers' 60 s GCS reconnect)",
+    )
     ns = parser.parse_args()
     seconds, concurrency = (4.0, 2) if ns.smoke else (ns.seconds, ns.concurrency)
     work = Path(tempfile.mkdtemp(prefix="appl-bench-"))
@@ -107,6 +138,10 @@ def main() -> None:
             print(json.dumps(scaling[-1]), flush=True)
         results["failover"] = failover(cluster, max(seconds, 9.0), concurrency, work)
         print(json.dumps(results["failover"]), flush=True)
+        if ns.head_loss_seconds:
+            results["head_loss"] = head_loss(cluster, ns.head_loss_seconds, concurrency, work)
+            print(json.dumps(results["head_loss"]), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     if ns.out:
         ns.out.write_text(json.dumps(results, indent=2) + "\n")
 
