@@ -6,6 +6,10 @@ which is what shows which engine answered. The second is priced at ten times the
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,7 @@ from appliance.config import OFFLINE_ENV
 from appliance.engines.tiny_llm import build_tiny_llm
 from appliance.router.cost import CostModel
 from tests.helpers.serving import MODEL, App
+from tests.serving.specialists import sample_texts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,8 +94,65 @@ def test_the_model_escalates_to_its_named_generalist_and_a_request_may_choose(tw
 
 
 def test_an_unknown_generalist_is_invalid_argument(two: App) -> None:
-    with two.client() as client:
-        with pytest.raises(grpc.RpcError) as err:
-            client.classify(MODEL, TEXTS[:1], policy="cascade", generalist="third")
+    with two.client() as client, pytest.raises(grpc.RpcError) as err:
+        client.classify(MODEL, TEXTS[:1], policy="cascade", generalist="third")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'third', which is not configured; known: default, second" in (err.value.details() or "")
+
+
+def test_tune_gives_a_frontier_whose_chosen_mix_meets_its_target(two: App, tmp_path: Path) -> None:
+    from appliance.cli import main
+    from appliance.workflows.spec import load_spec
+    from appliance.workflows.store import publish_text
+
+    publish_text(
+        f"name: tickets\nsteps:\n  - id: intent\n    kind: classify\n    model: {MODEL}\n", "tickets.yaml"
+    )
+    rows = sample_texts(per_label=3)
+    data = tmp_path / "sample.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "category"])
+        writer.writerows(rows)
+    out, png = tmp_path / "tuned.yaml", tmp_path / "frontier.png"
+    target = 0.5
+    argv = ["workflows", "tune", "tickets", "--data", str(data), "--target", str(target), "--json"]
+    argv += ["--generalist", "default", "--generalist", "second", "--thresholds", "0.5,0.9"]
+    argv += ["--address", f"127.0.0.1:{two.port}", "--out", str(out), "--plot", str(png)]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert main(argv) == 0
+    report = json.loads(stdout.getvalue().strip().splitlines()[-1])
+    points = report["frontier"]
+    assert [p["price_per_1000"] for p in points] == sorted(p["price_per_1000"] for p in points)
+    assert [p["accuracy"] for p in points] == sorted({p["accuracy"] for p in points})
+    chosen = report["chosen"]["steps"]["intent"]
+    assert report["chosen"]["accuracy"] >= target
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    step = load_spec(out).step("intent")
+    assert (step.policy.value, step.threshold, step.generalist) == (  # type: ignore[union-attr]
+        chosen["policy"],
+        chosen["threshold"],
+        chosen["generalist"],
+    )
+
+    # The chosen mix's accuracy, recomputed here from the server's own answers on the same texts.
+    texts, truth = [t for t, _ in rows], [label for _, label in rows]
+    with two.client() as client:
+        spec = client.classify(MODEL, texts, policy="specialist_only").results
+        gen = {
+            name: client.classify(
+                MODEL, texts, policy="generalist_only", generalist=name, timeout=300
+            ).results
+            for name in ("default", "second")
+        }
+    if chosen["policy"] == "specialist":
+        labels = [r.label for r in spec]
+    elif chosen["policy"] == "generalist":
+        labels = [r.label for r in gen[chosen["generalist"]]]
+    else:
+        labels = [
+            s.label if s.top[0][1] >= chosen["threshold"] else g.label
+            for s, g in zip(spec, gen[chosen["generalist"]], strict=True)
+        ]
+    right = sum(a == b for a, b in zip(labels, truth, strict=True)) / len(truth)
+    assert right == pytest.approx(report["chosen"]["accuracy"]) and right >= target
