@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from appliance.engines.generalist import GeneralistEngine
-from appliance.engines.generalist_api import ZeroShotResult
+from appliance.engines.generalist_api import Demonstration, ZeroShotResult
 from appliance.engines.generalist_args import GeneralistArgs
 
 if TYPE_CHECKING:
@@ -297,8 +297,9 @@ class RecordingGeneralist(GeneralistEngine):
         labels: Sequence[str],
         descriptions: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        demonstrations: Sequence[Demonstration] = (),
     ) -> ZeroShotResult:
-        result = await super().classify(text, labels, descriptions, request_id)
+        result = await super().classify(text, labels, descriptions, request_id, demonstrations)
         self.answers[text] = result
         return result
 

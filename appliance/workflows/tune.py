@@ -463,7 +463,7 @@ def run_tune(args: argparse.Namespace) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except OSError as exc:  # no running appliance, an unreadable file
         print(f"error: {exc}", file=sys.stderr)
