@@ -5,7 +5,9 @@ tokens and the durable audit trail on), no Ray:
 
 - two processes bind the same port (SO_REUSEPORT) and both answer calls; each call lands in the
   chain of the process that answered it, which is how the test tells them apart;
-- a process SIGKILLed right after answering has every answered call in its chain, which verifies.
+- a process SIGKILLed right after answering has every answered call in its chain, which verifies;
+- and the product path: a local ``appliance serve`` start with ``ingress_per_node: 2`` runs two
+  Ray Serve ingress replicas that both answer on the one port.
 """
 
 from __future__ import annotations
@@ -124,3 +126,41 @@ def test_every_call_answered_before_a_kill_9_is_in_the_chain(home: Path) -> None
     assert not missing, f"{len(missing)} answered calls are not in the trail, e.g. {sorted(missing)[:3]}"
     result = verify(chain)
     assert result.ok, result.first_error
+
+
+def test_a_local_serve_runs_ingress_per_node_replicas_on_one_port(home: Path) -> None:
+    """The product path: `appliance serve`'s local Ray advertises the node's ingress count and
+    Serve runs that many ingress replicas, all answering on the one configured port."""
+    import ray
+
+    from appliance.serve.app import AppArgs
+    from appliance.serve.lifecycle import running, wait_until_ready
+
+    args = AppArgs(
+        host="127.0.0.1",
+        port=free_port(),
+        home=str(home),
+        models=[MODEL],
+        ingress_per_node=2,
+        ingress_cpus=0.5,
+        metrics_port=0,
+    )
+    answered: list[str] = []
+    with running(args, num_cpus=2) as live:
+        assert ray.cluster_resources().get("appliance_ingress") == 2
+        assert wait_until_ready(timeout=180)
+        address = f"127.0.0.1:{live.port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(answered) < 40:
+            request_id = f"replicas-{len(answered)}"
+            try:
+                with Client(connection(home, address)) as client:  # a new connection per call
+                    client.classify(MODEL, [TEXT], request_id=request_id)
+            except grpc.RpcError as exc:  # the second replica may still be warming up
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                time.sleep(0.5)
+            else:
+                answered.append(request_id)
+        chains = [c for c in (home / "audit").iterdir() if c.is_dir() and answered_ids(c) & set(answered)]
+    assert len(answered) == 40
+    assert len(chains) == 2, f"calls answered by {len(chains)} process(es)"
