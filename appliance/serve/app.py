@@ -35,7 +35,7 @@ from appliance.router.generalists import MAX_DEMONSTRATIONS, ModelEscalation
 from appliance.security.interceptor import DEFAULT_MAX_CALLS_PER_TOKEN
 from appliance.serve.generalist import GeneralistClient, generalist_app, placement_of
 from appliance.serve.home_mirror import mirror_from_head
-from appliance.serve.node import MAX_INGRESS_PER_NODE, cores_per_ingress, ingress_per_node
+from appliance.serve.node import MAX_INGRESS_PER_NODE, cores_per_ingress, declared_units, ingress_per_node
 from appliance.serve.placement import IngressPlacement, current_placement, deployment_version
 
 if TYPE_CHECKING:
@@ -141,7 +141,9 @@ class Ingress:
         self.args = a = AppArgs.model_validate(args)
         home = Path(a.home) if a.home else appliance_home()
         metrics = ServingMetrics()
-        self.metrics_port = _start_metrics(metrics, a.metrics_port, a.ingress_count)
+        # ingress processes on this node, this one included
+        self.siblings = siblings = declared_units() or a.ingress_count
+        self.metrics_port = _start_metrics(metrics, a.metrics_port, siblings)
         cost, costs = generalist_costs(a)
         handles = generalists or {}
         self.generalists = {
@@ -161,7 +163,7 @@ class Ingress:
                 limits=Limits(a.limits.max_texts_per_call, a.limits.max_text_bytes),
                 batch=a.batch,
                 intra_op_threads=a.intra_op_threads,
-                cores=cores_per_ingress(a.ingress_count),
+                cores=cores_per_ingress(siblings),
                 max_loaded_models=a.max_loaded_models,
             ),
             store=ModelStore(home),
@@ -200,6 +202,7 @@ class Ingress:
             "host": self.args.host,
             "port": self.port,
             "metrics_port": self.metrics_port,
+            "ingress_on_node": self.siblings,
             "tls": not self.args.insecure_loopback,
             "pid": os.getpid(),
         }

@@ -36,3 +36,19 @@ def cores_per_ingress(count: int, node_cores: int | None = None) -> int:
     """The cores one of ``count`` ingress processes may keep busy with encoder batches."""
     available = cores() if node_cores is None else node_cores
     return max(1, available // max(1, count))
+
+
+def declared_units() -> int | None:
+    """The ``appliance_ingress`` units the Ray node of this process declares; None outside Ray or
+    on a node that declares none. On a cluster this, not the Serve config, is the node's count:
+    each node says its own (``ray start --resources``), and the replicas on it split its cores."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == here and node.get("Alive"):
+            units = int(node.get("Resources", {}).get(INGRESS_RESOURCE, 0))
+            return units or None
+    return None

@@ -132,8 +132,9 @@ def test_a_local_serve_runs_ingress_per_node_replicas_on_one_port(home: Path) ->
     """The product path: `appliance serve`'s local Ray advertises the node's ingress count and
     Serve runs that many ingress replicas, all answering on the one configured port."""
     import ray
+    from ray import serve
 
-    from appliance.serve.app import AppArgs
+    from appliance.serve.app import APP_NAME, AppArgs
     from appliance.serve.lifecycle import running, wait_until_ready
 
     args = AppArgs(
@@ -149,6 +150,8 @@ def test_a_local_serve_runs_ingress_per_node_replicas_on_one_port(home: Path) ->
     with running(args, num_cpus=2) as live:
         assert ray.cluster_resources().get("appliance_ingress") == 2
         assert wait_until_ready(timeout=180)
+        # each replica read its node's count: 2 processes, 1 core's worth of batches each
+        assert serve.get_app_handle(APP_NAME).address.remote().result()["ingress_on_node"] == 2
         address = f"127.0.0.1:{live.port}"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(answered) < 40:
