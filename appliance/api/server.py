@@ -8,6 +8,8 @@
   only when asked for (``insecure_loopback``).
 - Message size limits, deadlines passed down to the batcher, graceful shutdown: new calls get
   UNAVAILABLE, calls in flight finish within the grace period.
+- Several processes listen on one port (SO_REUSEPORT, ``reuse_port``), as a node's ingress
+  processes do; port 0 always binds a port of this process's own.
 """
 
 from __future__ import annotations
