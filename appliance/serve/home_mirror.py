@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -42,6 +43,9 @@ MIRROR_PERIOD_S = 1.0
 # The mutable files that every node must see as the head does (relative to APPLIANCE_HOME).
 SHARED_FILES = ("tokens/tokens.json", "pki/ca.crl")
 _STAGING = ".mirror-"
+_NAME = r"[a-z0-9][a-z0-9_.-]{0,62}"  # the store's model names
+_SHARED_FOLDER = re.compile(rf"models/{_NAME}/[0-9]{{1,9}}|encoders/[0-9a-f]{{64}}")
+_SHARED_FILE = re.compile("|".join([*map(re.escape, SHARED_FILES), rf"models/{_NAME}/{SERVING}"]))
 
 
 @dataclass(frozen=True)
@@ -87,17 +91,18 @@ class HomeSource:
 
     def folder(self, rel: str) -> dict[str, bytes]:
         """Every file of ``models/<name>/<version>`` or ``encoders/<id>``, by relative path."""
-        root = self._inside(rel)
+        root = self._shared(rel, _SHARED_FOLDER)
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
     def file(self, rel: str) -> bytes | None:
-        path = self._inside(rel)
+        path = self._shared(rel, _SHARED_FILE)
         return path.read_bytes() if path.is_file() else None
 
-    def _inside(self, rel: str) -> Path:
+    def _shared(self, rel: str, allowed: re.Pattern[str]) -> Path:
+        """Only what every node must see: never the CA or signing keys, nor client secrets."""
         path = (self.home / rel).resolve()
-        if not path.is_relative_to(self.home.resolve()) or rel.startswith(("keys", "client")):
-            raise ValueError(f"not a shared path: {rel!r}")  # never the signing or client secrets
+        if not allowed.fullmatch(rel) or not path.is_relative_to(self.home.resolve()):
+            raise ValueError(f"not a shared path: {rel!r}")
         return path
 
 
@@ -135,6 +140,7 @@ class HomeMirror:
         self.home = home
         self.store = ModelStore(home)
         self.source = source
+        self.refused: set[str] = set()  # versions are immutable: one that failed is not fetched again
 
     async def sync_once(self) -> list[str]:
         """Pull what is missing or changed; returns what was installed (for logs and tests)."""
@@ -150,8 +156,12 @@ class HomeMirror:
             if not (self.store.path(name, version) / MANIFEST).is_file()
         ]
         for rel, check in wanted:
+            if rel in self.refused:
+                continue
             if await self._install(rel, check):
                 installed.append(rel)
+            else:
+                self.refused.add(rel)
         for rel, digest in listing.files.items():
             if _digest(self.home / rel) != digest:
                 data: bytes | None = await self.source.file.remote(rel)
@@ -193,10 +203,13 @@ class HomeMirror:
                 path.write_bytes(data)
             os.chmod(staging, private_mode(target.parent, folder=True))
             os.rename(staging, target)
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:  # the head sent a path outside the folder: refuse the version
             shutil.rmtree(staging, ignore_errors=True)
-            log.error("home mirror: could not install %s: %s", rel, exc)
+            log.error("home mirror: refused %s from the head: %s", rel, exc)
             return False
+        except OSError:  # this node's disk (full, read-only): tried again on the next sync
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         try:
             check()
         except (ApplianceError, OSError, ValueError, KeyError) as exc:
@@ -229,6 +242,10 @@ async def mirror_from_head(home: Path) -> HomeMirror | None:
     if await source.node_id.remote() == ray.get_runtime_context().get_node_id():
         return None
     mirror = HomeMirror(home, source)
-    installed = await mirror.sync_once()
-    log.info("home mirror: first sync installed %d item(s)", len(installed))
+    try:
+        installed = await mirror.sync_once()
+    except Exception as exc:  # serve what this node holds; the mirror's loop tries again
+        log.warning("home mirror: first sync failed: %s", exc)
+    else:
+        log.info("home mirror: first sync installed %d item(s)", len(installed))
     return mirror
