@@ -68,6 +68,7 @@ class CountingBackend:
         return SimpleNamespace(model=model, version=1, precision="int8", decisions=[])
 
 
+@pytest.mark.integration  # real gRPC servers on loopback
 def test_the_servicer_answers_a_repeated_request_id_once_over_grpc() -> None:
     async def scenario() -> int:
         backend = CountingBackend()

@@ -66,6 +66,7 @@ def test_service_config_is_the_documented_json() -> None:
     assert json.loads(options["grpc.service_config"]) == config
 
 
+@pytest.mark.integration  # real gRPC servers on loopback
 def test_calls_are_balanced_and_fail_over_when_an_endpoint_dies(
     servers: list[tuple[grpc.Server, Counting, int]],
 ) -> None:
