@@ -208,3 +208,26 @@ def test_a_restarted_replica_serves_the_promoted_version_and_rollback_returns(
     assert served(b)[0] == 1
     assert wait_for(lambda: served(a)[0] == 1, 30)
     assert ModelStore(home).serving_version(MODEL) == 1
+
+
+def test_auto_promotion_is_off_by_default_and_goes_through_the_gate(
+    replicas: tuple[App, App], home: Path
+) -> None:
+    a, b = replicas
+    lenient = {"max_accuracy_drop_points": 100.0, "min_coverage_gain_points": -100.0, "alpha": 1e-9}
+    assert served(b)[0] == 1
+    assert main(["gate", f"{MODEL}:2", "--address", f"127.0.0.1:{b.port}"]) in (0, 2)
+    assert served(b)[0] == 1  # a verdict alone promotes nothing
+    policy = home / "loop" / "policy.json"
+    policy.write_text(
+        json.dumps({"auto_promote": True, "gate": {**lenient, "max_accuracy_drop_points": -100.0}})
+    )
+    assert main(["gate", f"{MODEL}:2", "--address", f"127.0.0.1:{b.port}"]) == 2  # refused: not promoted
+    assert served(b)[0] == 1
+    policy.write_text(json.dumps({"auto_promote": True, "gate": lenient}))
+    try:
+        assert main(["gate", f"{MODEL}:2", "--address", f"127.0.0.1:{b.port}"]) == 0
+        assert served(b)[0] == 2
+        assert wait_for(lambda: served(a)[0] == 2, 30)
+    finally:
+        policy.unlink()
