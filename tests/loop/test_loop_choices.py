@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import FailedPrecondition, InvalidArgument, NotFound
+from appliance.loop import follow
 from appliance.loop.choices import (
     ServingChange,
     ShadowChoice,
@@ -93,6 +94,7 @@ class FakeRuntime:
         self.fail = fail
         self.serving = {"m": 1}
         self.followed: list[tuple[str, int]] = []
+        self.attempts: list[int] = []
         self.shadow_choices: dict[str, ShadowChoice | None] = {}
 
     async def shadow_answers(
@@ -107,6 +109,7 @@ class FakeRuntime:
         return dict(self.serving)
 
     async def follow_serving(self, name: str, version: int) -> None:
+        self.attempts.append(version)
         if version == 9:
             raise FailedPrecondition("signature check failed")
         self.followed.append((name, version))
@@ -170,7 +173,9 @@ def test_shadow_fraction_samples_requests_and_failures_stay_in_shadow(tmp_path: 
     assert 60 <= runner.answered <= 140  # 20% of 500, binomial spread
 
 
-def test_follower_switches_to_the_recorded_choice_and_keeps_serving_on_failure(tmp_path: Path) -> None:
+def test_follower_switches_to_the_recorded_choice_and_keeps_serving_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = ModelStore(tmp_path)
     runtime = FakeRuntime()
     follower = ChoiceFollower(runtime, store, interval=0.05)
@@ -187,6 +192,10 @@ def test_follower_switches_to_the_recorded_choice_and_keeps_serving_on_failure(t
         store.set_serving_version("m", 9)  # cannot load here: 3 keeps serving, tried once
         await asyncio.sleep(0.3)
         assert runtime.serving["m"] == 3 and runtime.followed == [("m", 3)]
+        assert runtime.attempts == [3, 9]  # 9 tried once, not at every pass
+        monkeypatch.setattr(follow, "RETRY_S", 0.0)  # after RETRY_S it is tried again
+        await asyncio.sleep(0.2)
+        assert runtime.attempts.count(9) >= 2 and runtime.serving["m"] == 3
         await follower.close()
 
     asyncio.run(scenario())
