@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from appliance.loop.gate import GateConfig
-from appliance.loop.gate import describe as describe_gate
+from appliance.factory.gate_rule import GateConfig
+from appliance.factory.gate_rule import describe as describe_gate
 
 if TYPE_CHECKING:
     from appliance.artifact.manifest import SpecialistFields

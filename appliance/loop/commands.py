@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import ApplianceError, InvalidArgument
-from appliance.loop.gate import GateConfig, Verdict, describe
+from appliance.factory.gate_rule import GateConfig, describe
+from appliance.loop.gate import Verdict
 
 if TYPE_CHECKING:
     from appliance.loop.promotion import Loader

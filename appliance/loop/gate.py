@@ -37,26 +37,11 @@ import numpy as np
 
 from appliance.errors import InvalidArgument
 from appliance.factory.evaluate import calibrate_threshold, selective
+from appliance.factory.gate_rule import GateConfig
 from appliance.loop.stats import McNemar, mcnemar
 from appliance.store import MANIFEST, ModelStore
 
 VERDICT_SUFFIX = ".gate.json"
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """The gate's rule; the defaults are stated in the model card and ``appliance gate --help``."""
-
-    max_accuracy_drop_points: float = 0.2
-    min_coverage_gain_points: float = 0.0
-    target_precision: float = 0.99
-    alpha: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.target_precision <= 1.0:
-            raise InvalidArgument(f"target precision {self.target_precision}: must be in (0, 1]")
-        if not 0.0 < self.alpha < 1.0:
-            raise InvalidArgument(f"alpha {self.alpha}: must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -165,17 +150,6 @@ class Verdict:
             challenger_manifest_sha256=data.get("challenger_manifest_sha256", ""),
             created_epoch=data.get("created_epoch", 0.0),
         )
-
-
-def describe(config: GateConfig) -> str:
-    """The rule in one sentence, as the model card and ``appliance gate --help`` state it."""
-    return (
-        f"on the golden set, accuracy at most {config.max_accuracy_drop_points:g} points below the "
-        "champion's, "
-        f"coverage at precision {config.target_precision:g} at least the champion's"
-        + (f" {config.min_coverage_gain_points:+g} points" if config.min_coverage_gain_points else "")
-        + f", and McNemar's paired test (mid-p < {config.alpha:g}) not finding it worse"
-    )
 
 
 def side_scores(predictions: Predictions, truth: Sequence[str], target: float) -> SideScores:

@@ -184,7 +184,7 @@ def test_policy_file_sets_auto_promotion_and_the_rule(tmp_path: Path) -> None:
 
 
 def test_the_rule_is_described_from_its_settings() -> None:
-    from appliance.loop.gate import describe
+    from appliance.factory.gate_rule import describe
 
     text = describe(GateConfig())
     assert "0.2 points" in text and "precision 0.99" in text and "mid-p < 0.05" in text
