@@ -172,10 +172,16 @@ def _report(args: argparse.Namespace) -> int:
         from appliance.loop.report import render_versions, version_report
 
         report["versions"] = version_report(model, args.db or default_db(), appliance_home(), since, until)
+    if not args.name:
+        from appliance.workflows import runs
+
+        report["workflows"] = runs.summarize(runs.default_db(), since, until, args.db or default_db())
     if args.json:
         print(json.dumps(report, sort_keys=True))
     else:
         print(render(report))
         if args.name:
             print(render_versions(report["versions"], report["currency"] or "price"))
+        else:
+            print(runs.render(report["workflows"]))
     return 0

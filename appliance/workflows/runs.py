@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config import state_dir
+from appliance.config import appliance_home
 from appliance.files import create_private_file
 from appliance.workflows.runner import RunResult
 
@@ -56,7 +56,7 @@ CREATE INDEX IF NOT EXISTS run_steps_by_run ON run_steps (run_id);
 
 
 def default_db() -> Path:
-    return state_dir("workflow-runs") / "runs.db"
+    return appliance_home() / "workflow-runs" / "runs.db"  # RunLog makes the folder, privately
 
 
 class RunLog:

@@ -297,3 +297,19 @@ def test_appliance_run_prints_json(live: LiveServer, home: Path, tokens: TokenSt
         timeout=120,
     )
     assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr
+
+
+def test_the_report_counts_runs_routes_and_cost_per_workflow(live: LiveServer, home: Path, client) -> None:
+    client.run_workflow("ticket", [LOST, OTHER])
+    env = {**os.environ, "APPLIANCE_HOME": str(home)}
+    command = [sys.executable, "-m", "appliance.cli", "report", "--hours", "1", "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {row["workflow"]: row for row in json.loads(done.stdout.splitlines()[-1])["workflows"]}
+    ticket = rows["ticket"]
+    assert ticket["runs"] >= 2 and ticket["price_per_1000_runs"] > 0
+    assert ticket["steps"]["other"]["statuses"]["fallback"] >= 1
+    assert ticket["steps"]["intent"]["routes"]["specialist"] == ticket["runs"] - ticket["failed_runs"]
+    assert rows["strict"]["failed_runs"] >= 1
+    text = subprocess.run(command[:-1], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "workflows" in text and "ticket" in text and "per 1,000 runs" in text
