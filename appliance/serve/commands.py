@@ -106,6 +106,9 @@ def parse_generalist_flag(flag: str) -> tuple[str, str]:
 def merge_generalists(args: dict[str, Any], given: list[tuple[str, str]], window: dict[str, int]) -> None:
     """Flags over the config file: a flag's name replaces that generalist's path (keeping its other
     settings) or adds one; ``window`` applies to the generalists named by flags, or all without any."""
+    names = [name for name, _ in given]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise InvalidArgument(f"--generalist names {', '.join(twice)} more than once")
     configured = [*([args["generalist"]] if args.get("generalist") else []), *(args.get("generalists") or [])]
     by_name = {g.get("name", "default"): dict(g) for g in configured}
     for name, path in given:
