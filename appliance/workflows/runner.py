@@ -374,7 +374,6 @@ class WorkflowRunner:
     ) -> dict[int, Receipt]:
         first_pass_specialist = step.policy is StepPolicy.SPECIALIST or step.threshold is not None
         policy = Policy.SPECIALIST_ONLY if fallback or first_pass_specialist else _POLICY[step.policy]
-        self._check_generalist(step.generalist, policy)
         together = await shared if shared is not None and not fallback else None
         if together is not None and together.classified is not None:
             outcome: ClassifyOutcome = together.classified
@@ -387,6 +386,7 @@ class WorkflowRunner:
                 timeout=timeout,
                 allow_fallback=fallback,
                 request_id=run.request_id,
+                generalist=step.generalist or "",
             )
         decisions = list(outcome.decisions)
         if step.threshold is not None and not fallback:
@@ -420,6 +420,7 @@ class WorkflowRunner:
             policy=Policy.GENERALIST_ONLY,
             timeout=run.remaining(step) if timeout is not None else None,
             request_id=run.request_id,
+            generalist=step.generalist or "",
         )
         out = list(decisions)
         for j, answer in zip(unsure, asked.decisions, strict=True):
@@ -580,12 +581,6 @@ class WorkflowRunner:
         return dict(await asyncio.gather(*(one(i) for i in active)))
 
     # ------------------------------------------------------------------ helpers
-    def _check_generalist(self, name: str | None, policy: Policy) -> None:
-        if name is not None and name != DEFAULT_GENERALIST and policy is not Policy.SPECIALIST_ONLY:
-            raise FailedPrecondition(
-                f"this appliance routes classify steps to the default generalist only, not {name!r}"
-            )
-
     def _priced(self, cost: Cost) -> Cost:
         """Specialist costs come back as core-seconds; price them at the box's rate."""
         if cost.price or cost.accelerator_seconds or not cost.core_seconds:
