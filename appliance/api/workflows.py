@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
@@ -244,12 +244,18 @@ def require_workflow_scope(context: grpc.aio.ServicerContext, name: str) -> None
 
 
 def default_workflows(
-    backend: Backend, generalist: Generalist | None, cost: CostModel | None = None
+    backend: Backend,
+    generalist: Generalist | Mapping[str, Generalist] | None,
+    cost: CostModel | None = None,
 ) -> Workflows:
-    """The workflows of this appliance's home, run over ``backend``; the one generalist is "default"."""
+    """The workflows of this appliance's home, run over ``backend`` with its generalists by name
+    (a single one is "default")."""
     from appliance.workflows.runner import DEFAULT_GENERALIST
 
-    generalists = {DEFAULT_GENERALIST: generalist} if generalist is not None else {}
+    if generalist is None or isinstance(generalist, Mapping):
+        generalists = dict(generalist or {})
+    else:
+        generalists = {DEFAULT_GENERALIST: generalist}
     return Workflows(WorkflowRunner(backend, generalists, cost), WorkflowStore(), RunLog())
 
 

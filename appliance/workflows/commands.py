@@ -76,7 +76,7 @@ def run_list(args: argparse.Namespace) -> int:
     from appliance.workflows.store import WorkflowStore
 
     store = WorkflowStore()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in store.names():
         versions = store.versions(name)
         if versions:

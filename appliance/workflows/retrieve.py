@@ -95,11 +95,10 @@ class Retriever:
         from appliance.datasets.store import DatasetStore
 
         async with self._lock:  # one build per dataset and version, however many runs ask at once
-            digest = self._digests.get(dataset)
+            known = self._digests.get(dataset, "")
             # a dataset removed from the store (the right to forget) is not served from memory either
-            key = (digest or "", model, version)
-            if key in self._indexes and DatasetStore(self.home).exists(key[0]):
-                return self._indexes[key]
+            if (known, model, version) in self._indexes and DatasetStore(self.home).exists(known):
+                return self._indexes[(known, model, version)]
             digest, texts, labels = await asyncio.to_thread(_labelled, self.home, dataset)
             self._digests[dataset] = digest
             if not texts:
