@@ -133,6 +133,7 @@ class Ingress:
         apply_offline_env()
         from appliance.api.feedback import FeedbackServicer
         from appliance.api.server import ApplianceServer, ServerSettings
+        from appliance.api.workflows import default_workflows
         from appliance.serve.metrics import ServingMetrics
         from appliance.serve.runtime import RuntimeSettings, ServingRuntime
         from appliance.store import ModelStore
@@ -187,6 +188,7 @@ class Ingress:
             ),
             metrics=metrics,
             generalist=self.generalist,
+            workflows=default_workflows(self.runtime, self.generalists, cost),
             feedback=FeedbackServicer(router.escalations, ModelStore(home), router.flush, metrics),
         )
         # Serve before the models are warm: health says NOT_SERVING until they are.

@@ -156,3 +156,25 @@ def test_tune_gives_a_frontier_whose_chosen_mix_meets_its_target(two: App, tmp_p
         ]
     right = sum(a == b for a, b in zip(labels, truth, strict=True)) / len(truth)
     assert right == pytest.approx(report["chosen"]["accuracy"]) and right >= target
+
+
+def test_a_workflow_step_runs_on_the_generalist_it_names(two: App) -> None:
+    from appliance.workflows.store import publish_text
+
+    publish_text(
+        "name: replies\nsteps:\n"
+        f"  - id: intent\n    kind: classify\n    model: {MODEL}\n    policy: generalist\n"
+        "    generalist: second\n"
+        "  - id: reply\n    kind: generate\n    generalist: second\n    max_tokens: 8\n"
+        "    prompt: 'Reply to {{input}} about {{intent.label}}'\n",
+        "replies.yaml",
+    )
+    with two.client() as client:
+        out = client.run_workflow("replies", TEXTS[:2], timeout=300)
+        direct = client.classify(MODEL, TEXTS[:2], policy="generalist_only", generalist="second", timeout=300)
+    for result, answer in zip(out.results, direct.results, strict=True):
+        intent, reply = result.steps
+        assert json.loads(intent.output_json)["label"] == answer.label  # the second engine's answer
+        assert (reply.model, reply.status) == ("second", 1) and json.loads(reply.output_json)[
+            "text"
+        ] is not None
