@@ -4,6 +4,8 @@
 - :mod:`~appliance.router.policy`: the effective policy of a request, and the load-time label check;
 - :mod:`~appliance.router.cascade`: per text, specialist or generalist, with cost and records;
 - :mod:`~appliance.router.cost`: core- and accelerator-seconds, priced at the box's hourly rate;
+- :mod:`~appliance.router.generalists`: several generalists by name, each priced, and per-model settings;
+- :mod:`~appliance.router.retrieval`: the demonstration index and the nearest examples it gives;
 - :mod:`~appliance.router.escalations`: the durable SQLite store of escalations and decisions;
 - :mod:`~appliance.router.metrics`: Prometheus counters;
 - :mod:`~appliance.router.commands`: ``appliance report``.
