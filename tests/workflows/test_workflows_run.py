@@ -69,6 +69,23 @@ steps:
     kind: extract
     model: {extractor}
 """
+HASTY = """\
+name: hasty
+steps:
+  - id: intent
+    kind: classify
+    model: {model}
+  - id: similar
+    kind: retrieve
+    model: {model}
+    dataset: "{dataset}"
+    timeout: 1ms
+    on_failure: skip
+  - id: again
+    kind: classify
+    model: {model}
+    after: [similar]
+"""
 STRICT = """\
 name: strict
 steps:
@@ -94,6 +111,7 @@ def workflows(home: Path, dataset_digest: str) -> dict[str, str]:
         "pair": publish(home, PAIR, name="pair", after=""),
         "apart": publish(home, PAIR, name="apart", after="after: [slots]"),
         "strict": publish(home, STRICT),
+        "hasty": publish(home, HASTY, dataset=dataset_digest),
     }
 
 
@@ -199,6 +217,18 @@ def test_a_failing_step_fails_the_run_naming_the_step_and_its_status(client) -> 
     assert info.value.details().startswith("workflow step 'escalate' failed (FAILED_PRECONDITION):")
 
 
+def test_a_step_past_its_own_timeout_follows_on_failure_skip(client) -> None:
+    steps = receipts(client.run_workflow("hasty", [LOST]).results[0])
+    assert steps["intent"].status == pb.STEP_STATUS_OK
+    assert steps["similar"].status == pb.STEP_STATUS_FAILED and steps["similar"].detail.startswith(
+        "DEADLINE_EXCEEDED"
+    )
+    assert (steps["again"].status, steps["again"].detail) == (
+        pb.STEP_STATUS_SKIPPED,
+        "needs step 'similar', which did not answer",
+    )
+
+
 def test_bad_input_and_unknown_workflows(client) -> None:
     for texts, code in (([], grpc.StatusCode.INVALID_ARGUMENT), (["  "], grpc.StatusCode.INVALID_ARGUMENT)):
         with pytest.raises(grpc.RpcError) as info:
@@ -301,6 +331,8 @@ def test_appliance_run_prints_json(live: LiveServer, home: Path, tokens: TokenSt
 
 def test_the_report_counts_runs_routes_and_cost_per_workflow(live: LiveServer, home: Path, client) -> None:
     client.run_workflow("ticket", [LOST, OTHER])
+    with pytest.raises(grpc.RpcError):
+        client.run_workflow("strict", [LOST])
     env = {**os.environ, "APPLIANCE_HOME": str(home)}
     command = [sys.executable, "-m", "appliance.cli", "report", "--hours", "1", "--json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
