@@ -182,6 +182,6 @@ def _report(args: argparse.Namespace) -> int:
         print(render(report))
         if args.name:
             print(render_versions(report["versions"], report["currency"] or "price"))
-        else:
+        elif report["workflows"]:
             print(runs.render(report["workflows"]))
     return 0
