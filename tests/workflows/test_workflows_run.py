@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -345,3 +346,25 @@ def test_the_report_counts_runs_routes_and_cost_per_workflow(live: LiveServer, h
     assert rows["strict"]["failed_runs"] >= 1
     text = subprocess.run(command[:-1], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "workflows" in text and "ticket" in text and "per 1,000 runs" in text
+
+
+def test_the_report_measures_accuracy_where_corrections_exist(live: LiveServer, home: Path, client) -> None:
+    from appliance.router.escalations import CorrectionRequest
+    from appliance.workflows import runs
+
+    response = client.run_workflow("ticket", [LOST, OTHER], request_id="corrected-run")
+    served = [output(receipts(r)["intent"])["label"] for r in response.results]
+    live._run(live.runtime.router.flush(), timeout=30)  # decision rows are written in the background
+    wrong = next(label for label in ("card_arrival", "change_pin") if label != served[1])
+    for item, label in ((0, served[0]), (1, wrong)):
+        request = CorrectionRequest(
+            "human:test", request_id="corrected-run", item=item, model=SHARED, label=label
+        )
+        live.escalations.correct(request)
+    now = time.time()
+    (ticket,) = [
+        r
+        for r in runs.summarize(runs.default_db(), now - 60, now + 1, live.escalations.path)
+        if r["workflow"] == "ticket"
+    ]
+    assert (ticket["steps"]["intent"]["corrected"], ticket["steps"]["intent"]["accuracy"]) == (2, 0.5)
