@@ -95,6 +95,8 @@ DEFAULT_RULES: Mapping[str, Rule] = {
     f"{_KSERVE}ServerMetadata": Rule("models:read"),
     f"{_KSERVE}ModelReady": Rule("models:read"),
     f"{_KSERVE}ModelMetadata": Rule("models:read"),
+    f"{_KSERVE}ModelConfig": Rule("models:read"),  # Triton's extensions, which perf_analyzer calls
+    f"{_KSERVE}ModelStatistics": Rule("models:read"),
     # reflection describes the API, not any model: whoever may list models may discover it
     **{f"{prefix}ServerReflectionInfo": Rule("models:read") for prefix in REFLECTION_PREFIXES},
 }
