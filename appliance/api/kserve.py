@@ -19,7 +19,7 @@ A model answers only its own kind's outputs; asking for the other kind's is INVA
 Tensors travel either typed (``contents.bytes_contents`` / ``fp32_contents``) or raw
 (``raw_input_contents``: BYTES elements as a 4-byte little-endian length and the bytes, FP32 as
 little-endian floats). The response uses the encoding the request used. Like the
-``appliance.v1`` servicers, this one talks only to a :class:`~appliance.api.backend.Backend`, so
+``appliance.v1`` servicers, this one talks only to a :class:`~appliance.backend.Backend`, so
 the same bad input gets the same status on both APIs.
 
 Two of Triton's extensions are answered, so that Triton's tools (perf_analyzer, model analyzer)
@@ -45,10 +45,10 @@ from google.protobuf.descriptor import FileDescriptor
 
 from appliance._proto.inference import grpc_service_pb2 as pb
 from appliance._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from appliance.api.backend import Backend
 from appliance.api.boundary import Boundary
 from appliance.api.servicers import request_id
 from appliance.api.workflows import Workflows, infer_workflow, require_model_scope
+from appliance.backend import Backend
 from appliance.errors import ApplianceError, InvalidArgument, NotFound
 from appliance.serve.metrics import ServingMetrics
 from appliance.serve.statistics import Duration, ModelCounters, ModelKey

@@ -27,11 +27,11 @@ from appliance._proto.appliance.v1 import appliance_pb2 as pb
 from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
 from appliance._proto.inference import grpc_service_pb2 as kserve_pb
 from appliance._proto.inference import grpc_service_pb2_grpc as kserve_grpc
-from appliance.api.backend import Backend
 from appliance.api.feedback import FeedbackServicer
 from appliance.api.kserve import KServeServicer, reflection_pool
 from appliance.api.servicers import AdminServicer, GenerationServicer, InferenceServicer, ModelServicer
 from appliance.api.workflows import Workflows, WorkflowServicer, default_workflows
+from appliance.backend import Backend
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import FailedPrecondition
 from appliance.network import is_loopback

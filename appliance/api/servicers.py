@@ -15,9 +15,9 @@ import grpc
 
 from appliance._proto.appliance.v1 import appliance_pb2 as pb
 from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
-from appliance.api.backend import Backend
 from appliance.api.boundary import Boundary
 from appliance.api.dedup import RecentAnswers
+from appliance.backend import Backend
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import DeadlineExceeded
 from appliance.serve.metrics import ServingMetrics

@@ -21,9 +21,9 @@ import grpc
 from appliance._proto.appliance.v1 import appliance_pb2 as pb
 from appliance._proto.appliance.v1 import appliance_pb2_grpc as pb_grpc
 from appliance._proto.inference import grpc_service_pb2 as kserve_pb
-from appliance.api.backend import Backend
 from appliance.api.boundary import Boundary
 from appliance.api.servicers import cost_pb, remaining, request_id
+from appliance.backend import Backend
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import ApplianceError, InvalidArgument, PermissionDenied
 from appliance.router.cost import CostModel

@@ -1,6 +1,6 @@
 """The serving runtime: loaded specialists, shared encoders, batching, hot load and rollback.
 
-This is the :class:`appliance.api.backend.Backend` that the gRPC servicers call. It lives in the
+This is the :class:`appliance.backend.Backend` that the gRPC servicers call. It lives in the
 process that holds the encoders, so a request crosses no process boundary on the hot path; Ray
 Serve places and supervises that process (see ``appliance.serve.app``).
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance import config
-from appliance.api.backend import Backend
+from appliance.backend import Backend
 from appliance.errors import ApplianceError, FailedPrecondition
 from appliance.workflows.validate import DatasetCheck
 

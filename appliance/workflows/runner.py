@@ -9,7 +9,7 @@
 - The run's deadline covers every step: each gets the time that is left (or its own ``timeout``,
   if shorter). Past the run's deadline the run fails whatever ``on_failure`` says; a step's own
   failure follows its ``on_failure``.
-- Every step calls the same :class:`~appliance.api.backend.Backend` as the Inference API, so every
+- Every step calls the same :class:`~appliance.backend.Backend` as the Inference API, so every
   Classify/Extract status applies inside steps.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.api.backend import Backend
+from appliance.backend import Backend
 from appliance.engines.generalist_api import Generalist
 from appliance.errors import ApplianceError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from appliance.router.cost import CostModel, price_generalist

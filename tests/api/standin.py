@@ -1,6 +1,6 @@
 """Stand-ins for protocol tests: a keyword-classifier Backend, and a real gRPC server to host it.
 
-:class:`KeywordBackend` implements :class:`appliance.api.backend.Backend` for real (validation,
+:class:`KeywordBackend` implements :class:`appliance.backend.Backend` for real (validation,
 errors, readiness) with a deterministic keyword classifier over four labels, so the gRPC front
 ends and the load generator can be tested against a real server without a trained model. The
 real backend and its engines are tested in their own suites.
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from appliance.api.backend import Backend
+from appliance.backend import Backend
 from appliance.errors import InvalidArgument, NotFound
 from appliance.store import parse_ref
 from appliance.types import (
