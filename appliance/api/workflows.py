@@ -30,7 +30,7 @@ from appliance.router.cost import CostModel
 from appliance.serve.metrics import ServingMetrics
 from appliance.types import Limits, Route
 from appliance.workflows import store as workflow_store
-from appliance.workflows.runner import Receipt, RunResult, StepFailed, StepStatus, WorkflowRunner
+from appliance.workflows.runner import OnDelta, Receipt, RunResult, StepFailed, StepStatus, WorkflowRunner
 from appliance.workflows.runs import RunLog
 from appliance.workflows.store import StoredWorkflow, WorkflowStore
 
@@ -86,7 +86,7 @@ class Workflows:
         texts: Sequence[str],
         context: grpc.aio.ServicerContext,
         rid: str,
-        on_delta: Any = None,
+        on_delta: OnDelta | None = None,
     ) -> RunResult:
         started = time.perf_counter()
         workflow: StoredWorkflow | None = None

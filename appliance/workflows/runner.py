@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +123,7 @@ class StepFailed(ApplianceError):
         self.cause = cause
 
 
-def sum_costs(costs: Any) -> Cost:
+def sum_costs(costs: Iterable[Cost]) -> Cost:
     total = Cost()
     for c in costs:
         total = Cost(
@@ -625,7 +626,7 @@ def render(template: str, text: str, output_of: Callable[[str], Output | None], 
     """A generate step's prompt: ``{{input}}`` is the text, ``{{step.field}}`` an earlier output
     (a missing one, such as a slot not found in this text, is empty)."""
 
-    def value(match: Any) -> str:
+    def value(match: re.Match[str]) -> str:
         ref, name = match.group(1), match.group(2)
         if ref == INPUT:
             return text
