@@ -5,8 +5,8 @@
 ENDPOINTS is the comma list the client balances over. Each call carries a fresh request id; one
 JSON line per call goes to OUT: start and end (seconds from ``origin``, the run's start on the
 machine's monotonic clock, which every namespace shares), the status code name ("OK" or the gRPC
-code) and the request id. Bounded by SECONDS and MAX_REQUESTS; each caller waits PAUSE_S (default
-0.02: steady, not flat out) between its calls.
+code), the model version that answered (0: none) and the request id. Bounded by SECONDS and
+MAX_REQUESTS; each caller waits PAUSE_S (default 0.02: steady, not flat out) between its calls.
 """
 
 from __future__ import annotations
@@ -50,18 +50,26 @@ def main() -> None:
                     sent[0] += 1
                 request_id = uuid.uuid4().hex
                 start = time.monotonic() - origin
+                version = 0
                 try:
-                    client.classify(
+                    answer = client.classify(
                         "b8", TEXTS[sent[0] % len(TEXTS) :][:1], timeout=10, request_id=request_id
                     )
-                    code = "OK"
+                    code, version = "OK", answer.version
                 except grpc.RpcError as exc:
                     code = exc.code().name
                 end = time.monotonic() - origin
                 with lock:
                     sink.write(
                         json.dumps(
-                            {"start": start, "end": end, "code": code, "id": request_id, "origin": origin}
+                            {
+                                "start": start,
+                                "end": end,
+                                "code": code,
+                                "version": version,
+                                "id": request_id,
+                                "origin": origin,
+                            }
                         )
                         + "\n"
                     )
