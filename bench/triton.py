@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import queue
+import secrets
 import socket
 import statistics
 import subprocess
@@ -42,6 +43,8 @@ from bench.perf_analyzer import command as perf_analyzer
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCIES = (1, 32)
 TRITON_MAX_BATCH = 64
+TRITON_TOKEN_ENV = "BENCH_TRITON_ACCESS_TOKEN"  # the parent hands the child its access token
+TRITON_ACCESS_HEADER = "triton-grpc-protocol-triton-access-token"
 PYTHON_LIB = Path(sys.base_prefix) / "lib"  # the stub must load this interpreter's libpython
 
 
@@ -53,6 +56,7 @@ class Endpoint:
     batched: bool  # Triton's [batch, 1] form instead of the appliance's [texts]
     ca: Path | None = None
     token: str | None = None
+    headers: tuple[str, ...] = ()  # further "name:value" metadata sent with every call
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def serve_triton(home: Path, model: str, port: int) -> None:
     import numpy as np
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     from appliance.engines.encoder import EncoderConfig
     from appliance.engines.extractor import load_served
@@ -95,7 +99,10 @@ def serve_triton(home: Path, model: str, port: int) -> None:
         }
 
     config = TritonConfig(grpc_port=port, http_port=free_port(), metrics_port=free_port())
-    with Triton(config=config) as triton:
+    # PyTriton restricts the statistics and model-config endpoints (which perf_analyzer reads) to
+    # callers holding its access token: the parent chose it and sends it with every call.
+    security = TritonSecurityConfig(access_token=os.environ[TRITON_TOKEN_ENV])
+    with Triton(config=config, security_config=security) as triton:
         triton.bind(
             model_name=model.split(":")[0],
             infer_func=classify,
@@ -122,7 +129,12 @@ def triton(home: Path, model: str, python: str = sys.executable) -> Iterator[End
     backend stub dies on the first BYTES request under numpy 2), so the child may need a
     virtualenv of its own with the appliance's serving dependencies and numpy 1."""
     port = free_port()
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{PYTHON_LIB}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    token = secrets.token_urlsafe(32)
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": f"{PYTHON_LIB}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+        TRITON_TOKEN_ENV: token,
+    }
     argv = [python, "-m", "bench.triton", "--serve-triton", "--home", str(home), "--model", model]
     child = subprocess.Popen(
         [*argv, "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=env
@@ -144,7 +156,10 @@ def triton(home: Path, model: str, python: str = sys.executable) -> Iterator[End
             raise RuntimeError("tritonserver did not start within 300 s") from None
         if not line:
             raise RuntimeError(f"tritonserver did not start (exit {child.poll()}); see its stderr")
-        yield Endpoint("triton", f"127.0.0.1:{port}", model.split(":")[0], batched=True)
+        yield Endpoint(
+            "triton", f"127.0.0.1:{port}", model.split(":")[0], batched=True,
+            headers=(f"{TRITON_ACCESS_HEADER}:{token}",),
+        )  # fmt: skip
     finally:
         child.terminate()
         try:
@@ -187,6 +202,8 @@ def measure(endpoint: Endpoint, data: Path, concurrency: int, seconds: float, fo
         argv += ["--ssl-grpc-use-ssl", "true", "--ssl-grpc-root-certifications-file", str(endpoint.ca)]
     if endpoint.token:
         argv += ["-H", f"authorization:Bearer {endpoint.token}"]
+    for header in endpoint.headers:
+        argv += ["-H", header]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds * 4 + 120, check=False)
     if done.returncode != 0:
         raise RuntimeError(
