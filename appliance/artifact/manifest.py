@@ -75,8 +75,14 @@ class OutOfScope(_Part):
     threshold: float
     max_accuracy_loss_points: float  # the constraint the threshold was chosen under
     in_scope_accuracy_loss_points: float  # what rejection cost the held-out in-scope rows
-    oos_recall: float  # held-out out-of-scope rows rejected
+    oos_recall: float  # held-out out-of-scope rows rejected (leave_labels_out: held-out labels' rows)
     heldout_oos: int  # held-out out-of-scope rows it was calibrated on
+    # What is compared with the threshold (appliance.artifact.maths.oos_score); manifests from before
+    # ``--reject-unknown`` carry none of these and mean the top probability.
+    score: Literal["max_prob", "max_prob_knn"] = "max_prob"
+    scale: tuple[float, float, float, float] | None = None  # max_prob_knn's standardisation
+    references: str | None = None  # max_prob_knn: file of the training rows' normalised embeddings
+    calibrated_on: Literal["oos_rows", "leave_labels_out"] = "oos_rows"
 
 
 class Quantization(_Part):

@@ -62,3 +62,30 @@ def truncate(ids: Sequence[int], limit: int) -> tuple[list[int], bool]:
     if len(ids) <= limit:
         return list(ids), False
     return [*ids[: limit - 1], ids[-1]], True
+
+
+# -- out-of-scope scores: higher means more in scope; a score below the threshold is rejected -------
+
+OOS_SCORES = ("max_prob", "max_prob_knn")
+
+
+def nearest_similarity(normalized: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each normalised row ``[B, D]`` to its nearest reference row ``[N, D]``."""
+    out: np.ndarray = (normalized.astype(np.float32) @ references.astype(np.float32).T).max(axis=1)
+    return out
+
+
+def oos_score(
+    kind: str, probs: np.ndarray, similarity: np.ndarray | None, scale: tuple[float, float, float, float]
+) -> np.ndarray:
+    """The rejection score of ``kind``: ``max_prob`` is the top probability; ``max_prob_knn`` the mean of
+    the top probability and the nearest-training-example similarity, each standardised by ``scale``
+    (mean and standard deviation of each on held-out in-scope rows)."""
+    top = probs.max(axis=-1)
+    if kind == "max_prob":
+        return top
+    if kind != "max_prob_knn" or similarity is None:
+        raise ValueError(f"out-of-scope score {kind!r} needs {OOS_SCORES} and, for knn, similarities")
+    p_mean, p_std, s_mean, s_std = scale
+    out: np.ndarray = 0.5 * ((top - p_mean) / p_std + (similarity - s_mean) / s_std)
+    return out

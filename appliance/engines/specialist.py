@@ -10,6 +10,7 @@ import numpy as np
 
 from appliance.artifact.head import Head
 from appliance.artifact.manifest import SpecialistManifest
+from appliance.artifact.rejection import Rejection
 from appliance.artifact.selfcheck import SelfCheckResult, SelfCheckSet, score
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
 from appliance.errors import FailedPrecondition
@@ -48,10 +49,19 @@ class Specialist:
     def precision(self) -> str:
         return self.spec.precision
 
+    rejection: Rejection | None = None  # the manifest's out-of-scope rejection, when it has one
+
     def probs(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
         """Offline path (evaluation, benchmarks): full distribution per text and truncation flags."""
         x, truncated = self.encoder.embed(texts)
         return self.head.probs(x), truncated
+
+    def scored(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None, list[bool]]:
+        """Offline path: probabilities, out-of-scope rejection scores (None without rejection) and
+        truncation flags; a score below ``spec.oos.threshold`` is rejected."""
+        x, truncated = self.encoder.embed(texts)
+        probs = self.head.probs(x)
+        return probs, None if self.rejection is None else self.rejection.scores(probs, x), truncated
 
 
 def open_encoder(store: ModelStore, manifest: Manifest, config: EncoderConfig | None = None) -> OnnxEncoder:
@@ -70,7 +80,9 @@ def load_specialist(
 
 def specialist_from(store: ModelStore, manifest: Manifest, config: EncoderConfig | None = None) -> Specialist:
     """The classifier a verified manifest describes."""
-    return Specialist(manifest, Head.load(manifest.folder), open_encoder(store, manifest, config))
+    oos = manifest.spec.oos
+    rejection = Rejection.load(manifest.folder, oos) if oos is not None else None
+    return Specialist(manifest, Head.load(manifest.folder), open_encoder(store, manifest, config), rejection)
 
 
 def self_check(specialist: Specialist) -> SelfCheckResult | None:

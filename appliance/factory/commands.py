@@ -47,6 +47,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="rows with this label are out of scope: not a class, they calibrate rejection (default: oos)",
     )
     train.add_argument(
+        "--reject-unknown",
+        nargs="?",
+        const="auto",
+        choices=("auto", "max_prob", "max_prob_knn"),
+        help="without out-of-scope rows, calibrate rejection of texts that are none of the labels on "
+        "leave-labels-out folds, with this score (auto: the folds' best); max_prob_knn stores the "
+        "training rows' embeddings (oos_references.npy)",
+    )
+    train.add_argument(
         "--demonstrations",
         action="store_true",
         help="store the training texts, labels and embeddings in the artifact (demonstrations.npz), so that "
@@ -122,6 +131,7 @@ def run_train(args: argparse.Namespace) -> int:
         finetune_strategy=args.strategy,
         seed=args.seed,
         oos_label=args.oos_label,
+        reject_unknown=args.reject_unknown,
         demonstrations=args.demonstrations,
     )
     try:
@@ -196,7 +206,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from appliance.dataset import load_labelled
     from appliance.engines.specialist import load_specialist
-    from appliance.factory.evaluate import evaluate, oos_scores, precision_at
+    from appliance.factory.evaluate import evaluate, precision_at, rejection_scores
     from appliance.factory.pipeline import split_out
     from appliance.store import ModelStore
 
@@ -219,14 +229,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if unknown:
         return _fail(ValueError(f"{args.data}: labels unknown to {model.name}: {unknown[:5]}"))
     y = np.array([index[x] for x in data.labels])
-    probs, truncated = model.probs(data.texts)
+    probs, in_score, truncated = model.scored(data.texts)
     report = evaluate(probs, y, model.labels)
     rejection = {}
-    if oos is not None and oos_texts:
-        oos_probs, oos_truncated = model.probs(oos_texts)
+    if oos is not None and oos_texts and in_score is not None:
+        _, oos_score, oos_truncated = model.scored(oos_texts)
+        assert oos_score is not None  # the same model: it has a rejection
         truncated = [*truncated, *oos_truncated]
         rejection = {"oos_label": oos.label, "oos_threshold": oos.threshold, "n_oos": len(oos_texts)}
-        rejection |= oos_scores(probs, y, oos_probs, oos.threshold)
+        rejection |= {"oos_score": oos.score} | rejection_scores(probs, y, in_score, oos_score, oos.threshold)
     coverage, precision = precision_at(probs, y, model.threshold)
     result = {
         "model": f"{model.name}:{model.version}",

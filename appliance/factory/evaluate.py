@@ -158,27 +158,46 @@ def calibrate_rejection(
     """(threshold, in-scope accuracy loss in points, oos recall): the highest threshold on the top
     probability (so the best out-of-scope recall) that rejects at most ``max_loss_points`` of the
     in-scope rows the head gets right. ``probs``/``y``: in-scope rows; ``oos_probs``: out-of-scope."""
-    pred = probs.argmax(axis=1)
-    right = np.sort(probs[np.arange(len(pred)), pred][pred == y])
-    may_lose = int(np.floor(max_loss_points / 100.0 * len(y) + 1e-9))
-    # Rejection is ``top < threshold``: the (may_lose+1)-th smallest right answer's confidence
-    # rejects at most ``may_lose`` of them (fewer on ties).
-    threshold = float(right[may_lose]) if may_lose < len(right) else 1.0 + 1e-6
-    lost = float(np.sum(right < threshold)) / max(1, len(y))
+    top = probs.max(axis=1)
+    threshold, lost = threshold_for_loss(top, probs.argmax(axis=1) == y, max_loss_points)
     recall = float((oos_probs.max(axis=1) < threshold).mean()) if len(oos_probs) else 0.0
-    return threshold, 100.0 * lost, recall
+    return threshold, lost, recall
+
+
+def threshold_for_loss(
+    scores: np.ndarray, correct: np.ndarray, max_loss_points: float = OOS_MAX_LOSS_POINTS
+) -> tuple[float, float]:
+    """(threshold, in-scope accuracy loss in points): the highest threshold on in-scope rows' rejection
+    ``scores`` (rejected when below it) that rejects at most ``max_loss_points`` of the rows, counted
+    among those answered right (``correct``); rejecting a wrong answer costs no accuracy."""
+    right = np.sort(scores[np.asarray(correct, dtype=bool)])
+    may_lose = int(np.floor(max_loss_points / 100.0 * len(scores) + 1e-9))
+    # The (may_lose+1)-th smallest right answer's score rejects at most ``may_lose`` (fewer on ties).
+    if may_lose < len(right):
+        threshold = float(right[may_lose])
+    else:
+        threshold = float(np.nextafter(right[-1], np.inf)) + 1e-6 if len(right) else 1.0 + 1e-6
+    lost = float(np.sum(right < threshold)) / max(1, len(scores))
+    return threshold, 100.0 * lost
 
 
 def oos_scores(probs: np.ndarray, y: np.ndarray, oos_probs: np.ndarray, threshold: float) -> dict[str, float]:
-    """Out-of-scope recall and precision of rejection at ``threshold``, and the in-scope accuracy
-    with rejection (a rejected in-scope row counts as wrong). NaN precision when nothing is rejected."""
-    top = probs.max(axis=1)
-    in_rejected = top < threshold
-    oos_rejected = oos_probs.max(axis=1) < threshold
+    """:func:`rejection_scores` of the top probability."""
+    return rejection_scores(probs, y, probs.max(axis=1), oos_probs.max(axis=1), threshold)
+
+
+def rejection_scores(
+    probs: np.ndarray, y: np.ndarray, in_score: np.ndarray, oos_score: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Out-of-scope recall and precision of rejecting scores below ``threshold``, and the in-scope
+    accuracy with rejection (a rejected in-scope row counts as wrong). ``probs``/``y``/``in_score``:
+    in-scope rows; ``oos_score``: out-of-scope rows. NaN precision when nothing is rejected."""
+    in_rejected = in_score < threshold
+    oos_rejected = oos_score < threshold
     rejected = int(in_rejected.sum() + oos_rejected.sum())
     right = (probs.argmax(axis=1) == y) & ~in_rejected
     return {
-        "oos_recall": float(oos_rejected.mean()) if len(oos_probs) else float("nan"),
+        "oos_recall": float(oos_rejected.mean()) if len(oos_score) else float("nan"),
         "oos_precision": float(oos_rejected.sum() / rejected) if rejected else float("nan"),
         "in_scope_accuracy": float(right.mean()) if len(y) else float("nan"),
     }

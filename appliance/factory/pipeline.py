@@ -33,6 +33,7 @@ from appliance.artifact.manifest import (
     TrainedFrom,
     TrainingData,
 )
+from appliance.artifact.rejection import save_references
 from appliance.artifact.selfcheck import MIN_AGREEMENT, SELF_CHECK_TEXTS, SelfCheckSet, score
 from appliance.datasets.store import DatasetStore
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder
@@ -93,6 +94,9 @@ class TrainSpec:
     label_descriptions: dict[str, str] = field(default_factory=dict)
     # Rows with this label are not a class: they calibrate the rejection of out-of-scope texts.
     oos_label: str = "oos"
+    # Without out-of-scope rows, calibrate rejection on leave-labels-out folds (appliance.factory.oos):
+    # opt-in, since it costs a few more head fits and may store the training rows' embeddings.
+    reject_unknown: str | None = None  # auto (the folds' best score) or one of maths.OOS_SCORES
     # Store the training texts, labels and embeddings as a demonstration index in the artifact
     # (appliance.router.retrieval): opt-in, since the manifest otherwise holds no training text.
     demonstrations: bool = False
@@ -355,6 +359,28 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
             f"out-of-scope rejection below {threshold:.4f}: recall {recall:.3f} on {len(heldout_oos)} "
             f"held-out {spec.oos_label!r} rows, in-scope accuracy {lost:.2f} points lower"
         )
+    references = None
+    if oos is None and spec.reject_unknown:
+        from appliance.factory.oos import calibrate_unknown
+
+        progress("calibrating out-of-scope rejection on leave-labels-out folds")
+        oos, references = calibrate_unknown(
+            spec.oos_label,
+            x_train,
+            y_train,
+            len(labels),
+            lambda x, y, n: fit_logistic(x, y, n, spec.head_c),
+            head,
+            x_held[precision],
+            y_held,
+            kind=spec.reject_unknown,
+            seed=spec.seed,
+        )
+        progress(
+            f"out-of-scope rejection ({oos.score}) below {oos.threshold:.4f}: estimated recall "
+            f"{oos.oos_recall:.3f} on held-out labels, in-scope accuracy "
+            f"{oos.in_scope_accuracy_loss_points:.2f} points lower"
+        )
 
     train_fingerprint = dataset.fingerprint(train_set)
     published = store.versions(spec.name)
@@ -398,6 +424,8 @@ def train(spec: TrainSpec, store: ModelStore | None = None, progress: Progress =
     with store.staging(spec.name) as stage:
         head.save(stage.folder)
         check.save(stage.folder)
+        if references is not None:
+            save_references(stage.folder, references)
         if spec.demonstrations:
             # fp32 embeddings: their neighbours are the int8 encoder's to within its ~0.99 cosine
             DemonstrationIndex.build(train_set.texts, train_set.labels, x_train).save(stage.folder)

@@ -23,14 +23,14 @@ class SpecialistPredictor:
     specialist: Specialist
 
     def predict(self, texts: Sequence[str]) -> Predictions:
-        probs, _ = self.specialist.probs(list(texts))
+        probs, rejection, _ = self.specialist.scored(list(texts))
         top = probs.argmax(axis=1)
         confidence = probs[np.arange(len(top)), top]
         labels = [self.specialist.labels[int(i)] for i in top]
         oos = self.specialist.spec.oos
-        if oos is not None:
+        if oos is not None and rejection is not None:
             labels = [
-                oos.label if c < oos.threshold else label for label, c in zip(labels, confidence, strict=True)
+                oos.label if r < oos.threshold else label for label, r in zip(labels, rejection, strict=True)
             ]
         return Predictions(labels, confidence, self.specialist.threshold)
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from appliance.artifact.manifest import OutOfScope, SpecialistManifest
+from appliance.artifact.manifest import SpecialistManifest
 from appliance.artifact.maths import l2_normalize
+from appliance.artifact.rejection import Rejection
 from appliance.artifact.spans import Encoded, Span
 from appliance.batching import BatchSettings
 from appliance.engines.encoder import EncoderConfig, OnnxEncoder, Tokenized, cores
@@ -153,6 +154,7 @@ class _RowResult:
     vector: np.ndarray | None  # only for an embed row
     core_seconds: float
     spans: list[Span] | None = None  # only for an extract row
+    similarity: float | None = None  # nearest-reference similarity, for an out-of-scope score that uses it
 
 
 _NO_HEAD = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), None)
@@ -250,6 +252,7 @@ class EncoderLane:
             ids, scores, full = self.heads.apply(pooled[headed], classify_rows)
             for j, i in enumerate(headed):
                 outputs[i] = (ids[j], scores[j], None if full is None else full[j])
+        similarity = _similarities(pooled, work, headed)
         spans: dict[int, list[Span]] = {}
         for i, w in enumerate(work):
             if w.extract is not None and states is not None:
@@ -264,6 +267,7 @@ class EncoderLane:
                 vectors.get(i),
                 wall * self.threads * item.length / total,
                 spans.get(i),
+                similarity.get(i),
             )
             for i, item in enumerate(items)
         ]
@@ -710,7 +714,7 @@ class ServingRuntime:
         spec = loaded.classifier
         results, truncation = await self._batched(spec, texts, _Row(loaded, k, want_probs), timeout)
         latency_ms = 1000.0 * (time.perf_counter() - started)
-        return _answers(results, truncation, spec.labels, k, latency_ms, spec.spec.oos)
+        return _answers(results, truncation, spec.labels, k, latency_ms, spec.rejection)
 
     async def _decide(
         self,
@@ -824,7 +828,7 @@ class ServingRuntime:
         latency_ms = 1000.0 * (time.perf_counter() - started)
         if row is not None and answers is None:
             head = row.model.classifier
-            answers = _answers(results, truncation, head.labels, row.k, latency_ms, head.spec.oos)
+            answers = _answers(results, truncation, head.labels, row.k, latency_ms, head.rejection)
         classified = None
         if classifier is not None and answers is not None:
             classified = await self._decide(classifier, texts, answers, policy, allow_fallback, request_id)
@@ -883,7 +887,7 @@ def _answers(
     labels: Sequence[str],
     k: int,
     latency_ms: float,
-    oos: OutOfScope | None,
+    rejection: Rejection | None,
 ) -> list[SpecialistAnswer]:
     """Classify rows' results as the specialist's answers, rejected as out of scope where the
     model's rejection threshold says so."""
@@ -895,9 +899,25 @@ def _answers(
             if i >= 0
         ]
         probs = None if result.probs is None else result.probs[: len(labels)]
-        rejected = oos.label if oos is not None and top and top[0][1] < oos.threshold else None
+        rejected = (
+            rejection.spec.label
+            if rejection is not None and top and rejection.rejects(top[0][1], result.similarity)
+            else None
+        )
         answers.append(SpecialistAnswer(top, probs, truncated, result.core_seconds, latency_ms, rejected))
     return answers
+
+
+def _similarities(pooled: np.ndarray, work: Sequence[_Work], headed: Sequence[int]) -> dict[int, float]:
+    """Classify rows' nearest-reference similarities, for the models whose rejection score uses them."""
+    out = {}
+    for i in headed:
+        row = work[i].classify
+        rejection = row.model.classifier.rejection if row is not None else None
+        sim = rejection.similarity(l2_normalize(pooled[i : i + 1])) if rejection is not None else None
+        if sim is not None:
+            out[i] = float(sim[0])
+    return out
 
 
 def encode_window(
