@@ -2,7 +2,7 @@
 
 ``--held-out`` labels (default 10, drawn with ``--seed``) are removed from training; their test
 rows are the out-of-scope set, the other labels' test rows are in scope. The frozen encoder embeds
-train and test once (cached in ``--cache``); every score is computed from those embeddings.
+train and test once (cached in ``--cache-dir``); every score is computed from those embeddings.
 
 For each score kind the rejection threshold is calibrated on the training data alone, by
 leave-labels-out folds (:func:`appliance.factory.oos.calibrate_unknown`), for an in-scope accuracy
@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,16 @@ def read(path: Path) -> tuple[list[str], list[str]]:
     return [r["text"] for r in rows], [r["category"] for r in rows]
 
 
+def first_per_label(texts: list[str], labels: list[str], limit: int) -> tuple[list[str], list[str]]:
+    seen: Counter[str] = Counter()
+    kept = []
+    for text, label in zip(texts, labels, strict=True):
+        seen[label] += 1
+        if seen[label] <= limit:
+            kept.append((text, label))
+    return [t for t, _ in kept], [x for _, x in kept]
+
+
 def embeddings(cache: Path, limit: int | None) -> dict[str, Any]:
     """Train and test texts, labels and fp32 embeddings of the shipped MiniLM, cached in ``cache``."""
     if cache.is_file():
@@ -62,7 +73,8 @@ def embeddings(cache: Path, limit: int | None) -> dict[str, Any]:
         )
         for split in ("train", "test"):
             texts, labels = read(DATA / f"{split}.csv")
-            texts, labels = texts[:limit], labels[:limit]
+            if limit is not None:
+                texts, labels = first_per_label(texts, labels, limit)
             t = time.perf_counter()
             out[f"x_{split}"] = encoder.embed(texts)[0]
             print(f"embedded {len(texts)} {split} texts in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -212,15 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--cache", type=Path, default=REPO / "bench" / "runs" / "oos_embeddings.npz")
-    parser.add_argument("--limit", type=int, default=None, help="first N rows of each file (smoke runs)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path.home() / ".cache" / "appliance" / "bench-oos",
+        help="where the embeddings are cached (one file per --limit)",
+    )  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None, help="first N rows of each label (smoke runs)")
     parser.add_argument("--held-out", type=int, default=10)
     parser.add_argument(
         "--seeds", default="0", help="comma-separated: which labels are held out, and the splits"
     )
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
-    data = embeddings(args.cache, args.limit)
+    data = embeddings(args.cache_dir / f"embeddings-{args.limit or 'all'}.npz", args.limit)
     results = []
     for seed in (int(x) for x in args.seeds.split(",")):
         result = measure(split(data, args.held_out, seed), seed) | {"seed": seed}
