@@ -72,7 +72,7 @@ def ensure_demo_extractor() -> None:
 
 def run_demo(ns: argparse.Namespace) -> int:
     from appliance.client import Client
-    from appliance.serve.lifecycle import read_run_file
+    from appliance.serve.runfile import read_run_file
 
     ensure_demo_model()
     ensure_demo_extractor()

@@ -124,7 +124,8 @@ def merge_generalists(args: dict[str, Any], given: list[tuple[str, str]], window
 
 
 def run_serve(ns: argparse.Namespace) -> int:
-    from appliance.serve.lifecycle import DeployFailed, read_run_file, serve_forever
+    from appliance.serve.lifecycle import DeployFailed, serve_forever
+    from appliance.serve.runfile import read_run_file
 
     running = read_run_file()
     if running is not None:
@@ -154,7 +155,7 @@ def failure_summary(report: str) -> str:
 
 def run_status(ns: argparse.Namespace) -> int:
     from appliance.client import Client
-    from appliance.serve.lifecycle import read_run_file
+    from appliance.serve.runfile import read_run_file
 
     info = read_run_file()
     if info is None:
@@ -180,7 +181,7 @@ def run_status(ns: argparse.Namespace) -> int:
 
 
 def run_stop(ns: argparse.Namespace) -> int:
-    from appliance.serve.lifecycle import stop_server
+    from appliance.serve.runfile import stop_server
 
     outcome = stop_server()
     if outcome == "still running":

@@ -8,7 +8,6 @@ removes it on the way out. SIGTERM or SIGINT shut it down in order, with exit st
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -18,51 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from appliance.config import LOCAL_RAY_ENV, OFFLINE_ENV, appliance_home, apply_offline_env, state_dir
+from appliance.config import LOCAL_RAY_ENV, OFFLINE_ENV, appliance_home, apply_offline_env
 from appliance.serve.app import APP_NAME, AppArgs, build_app
 from appliance.serve.home_mirror import start_source
 from appliance.serve.node import INGRESS_RESOURCE
 from appliance.serve.placement import IngressPlacement, current_placement, following_nodes
+from appliance.serve.runfile import run_file, write_run_file
 
 log = logging.getLogger(__name__)
-RUN_FILE = "server.json"
-
-
-def run_file() -> Path:
-    return state_dir("run") / RUN_FILE
-
-
-def read_run_file() -> dict[str, Any] | None:
-    path = run_file()
-    if not path.is_file():
-        return None
-    info: dict[str, Any] = json.loads(path.read_text())
-    if not _alive(int(info.get("pid", 0))):
-        return None  # a stale file from a server that died without cleaning up
-    return info
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """An exited process its parent has not reaped yet (Linux; elsewhere never)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]  # the state follows the parenthesised name
 
 
 @dataclass
@@ -194,13 +158,6 @@ def wait_until_ready(timeout: float = 300.0) -> bool:
     return False
 
 
-def _write_run_file(info: dict[str, Any]) -> None:
-    path = run_file()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(path)  # readers never see half a file
-
-
 def _report_waiting(waiting: dict[str, str]) -> None:
     if not waiting:
         print("appliance ready: every configured model is serving", flush=True)
@@ -224,7 +181,7 @@ def _watch_models(info: dict[str, Any], stop: threading.Event) -> None:
             if waiting != last:
                 _report_waiting(waiting)
                 info["waiting"] = waiting
-                _write_run_file(info)
+                write_run_file(info)
                 last = waiting
         stop.wait(5.0 if last == {} else 1.0)  # each ask costs a handle call: slower once all serve
 
@@ -244,7 +201,7 @@ def serve_forever(args: AppArgs, address: str | None = None) -> int:
             "waiting": {model: "loading" for model in args.models},
             "started_at": time.time(),
         }
-        _write_run_file(info)  # at once: `status` and `stop` work while the models load
+        write_run_file(info)  # at once: `status` and `stop` work while the models load
         metrics = f", metrics on 127.0.0.1:{live.metrics_port}" if live.metrics_port is not None else ""
         print(
             f"appliance serving on {live.host}:{live.port} ({'TLS' if live.tls else 'plaintext'}){metrics}",
@@ -256,19 +213,3 @@ def serve_forever(args: AppArgs, address: str | None = None) -> int:
             run_file().unlink(missing_ok=True)
             print("appliance stopping", flush=True)
     return 0
-
-
-StopOutcome = Literal["stopped", "not running", "still running"]
-
-
-def stop_server(timeout: float = 60.0) -> StopOutcome:
-    """SIGTERM the running server and wait up to ``timeout`` seconds for it to exit."""
-    info = read_run_file()
-    if info is None:
-        return "not running"
-    pid = int(info["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return "still running" if _alive(pid) else "stopped"
