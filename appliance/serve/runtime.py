@@ -914,7 +914,9 @@ def _similarities(pooled: np.ndarray, work: Sequence[_Work], headed: Sequence[in
     for i in headed:
         row = work[i].classify
         rejection = row.model.classifier.rejection if row is not None else None
-        sim = rejection.similarity(l2_normalize(pooled[i : i + 1])) if rejection is not None else None
+        if rejection is None or not rejection.needs_embeddings:
+            continue  # the top probability alone decides: no per-row normalisation on the hot path
+        sim = rejection.similarity(l2_normalize(pooled[i : i + 1]))
         if sim is not None:
             out[i] = float(sim[0])
     return out
