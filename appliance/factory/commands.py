@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, InvalidArgument
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,9 +33,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     train.add_argument("--max-minutes", type=float, default=45.0, help="finetune time budget")
     train.add_argument(
         "--strategy",
-        choices=("auto", "classifier", "contrastive"),
+        choices=("auto", "classifier", "contrastive", "cpft"),
         default="auto",
-        help="finetune objective (auto: contrastive with 16 or fewer examples per label)",
+        help="finetune objective (auto: cpft, a contrastive stage on same-label pairs, then a classifier)",
+    )
+    train.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a fine-tuning recipe value, e.g. label_smoothing=0 or layer_decay=1 (repeatable)",
     )
     train.add_argument("--target-precision", type=float, default=0.99)
     train.add_argument("--few-shot", type=int, metavar="K", help="keep K examples per label")
@@ -71,6 +78,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev.add_argument("--label-column", help="default: the column the model was trained from (else label)")
     ev.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
     ev.set_defaults(func=run_eval)
+
+
+def parse_overrides(items: list[str]) -> dict[str, float]:
+    """``KEY=VALUE`` pairs as numbers; which keys exist is the fine-tune's to say."""
+    overrides: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise InvalidArgument(f"--finetune-set {item!r}: expected KEY=NUMBER")
+    return overrides
 
 
 def _fail(exc: Exception) -> int:
@@ -116,6 +137,10 @@ def run_train(args: argparse.Namespace) -> int:
         return _fail(exc)
     if args.task == "extract":
         return _run_train_extractor(args)
+    try:
+        finetune_overrides = parse_overrides(args.finetune_set)
+    except InvalidArgument as exc:
+        return _fail(exc)
     spec = TrainSpec(
         data=args.data,
         text_column=args.text_column,
@@ -129,6 +154,7 @@ def run_train(args: argparse.Namespace) -> int:
         few_shot=args.few_shot,
         checkpoint_dir=args.checkpoint_dir,
         finetune_strategy=args.strategy,
+        finetune_overrides=finetune_overrides,
         seed=args.seed,
         oos_label=args.oos_label,
         reject_unknown=args.reject_unknown,

@@ -1,6 +1,6 @@
 """Encoder fine-tuning: a better encoder for the logistic head the pipeline trains afterwards.
 
-Two strategies, both on L2-normalised mean-pooled embeddings (what the exported encoder serves):
+Three strategies, all on L2-normalised mean-pooled embeddings (what the exported encoder serves):
 
 * ``classifier``: a cosine-softmax layer (``scale * cos(embedding, class weight)``) trained with
   cross-entropy. The class weights start at class centroids, so the first steps do not push
@@ -9,7 +9,14 @@ Two strategies, both on L2-normalised mean-pooled embeddings (what the exported 
   label, trained with a symmetric in-batch softmax over scaled cosine similarities. Every other
   pair in a batch belongs to another label, so no in-batch negative is a false one.
 
-``auto`` picks ``contrastive`` at 16 or fewer examples per label on average, else ``classifier``.
+* ``cpft`` (contrastive pre-fine-tuning, after CPFT/ConvFiT): a ``contrastive`` stage on a share
+  of the budget (more on few-shot data, where pairs are the main signal) pulls same-label texts
+  together, then a ``classifier`` stage starts from its encoder, with centroids taken from it.
+
+``auto`` picks ``cpft``. The classifier objective uses label smoothing; every strategy uses
+layer-wise learning-rate decay (lower layers move less) and scores an exponential moving average
+of the weights beside the raw weights at each evaluation, keeping whichever validates better
+(``bench/FACTORY.md`` has the measured effect of each choice).
 
 Training holds out a stratified validation split, evaluates a fixed number of times per epoch,
 keeps the best weights, stops after ``patience`` evaluations without progress, and stops cleanly
@@ -30,10 +37,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,11 +62,15 @@ if TYPE_CHECKING:
     from appliance.factory.pipeline import TrainSpec
 
 Progress = Callable[[str], None]
-STRATEGIES = ("auto", "classifier", "contrastive")
-# At or below this many examples per label, contrastive pairs beat a classifier layer (SetFit).
+STRATEGIES = ("auto", "classifier", "contrastive", "cpft")
+# At or below this many examples per label on average the data is few-shot: ``cpft`` gives its
+# contrastive stage a larger share, since pairs are where most of the signal is.
 FEW_SHOT_PER_LABEL = 16
+# Share of the budget (and of a fixed ``max_steps``) for cpft's contrastive stage.
+PRETRAIN_SHARE = 0.15
+FEW_SHOT_PRETRAIN_SHARE = 0.5
 VAL_FRACTION = 0.1
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the moving average of the weights
 # The most epochs a plan grows to when the budget allows more than the recipe's (early stopping
 # usually ends the run first).
 MAX_EPOCHS = 30
@@ -65,6 +78,9 @@ MAX_EPOCHS = 30
 # in length (padding is the main CPU cost) while their order stays random.
 BUCKET_BATCHES = 50
 CENTROID_EXAMPLES = 8
+# Contrastive validation scores against centroids of at most this many training texts per label
+# (embedding all of a large training set at every evaluation would cost minutes).
+VAL_CENTROID_EXAMPLES = 16
 EVAL_BATCH = 64
 LOSS_WINDOW = 50
 
@@ -83,33 +99,38 @@ class Settings:
     min_eval_steps: int = 10
     patience: int = 4  # evaluations without a better validation accuracy
     max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0  # classifier objective only
+    # Layer i from the top learns at lr * layer_decay**i (the embeddings sit below the last layer).
+    layer_decay: float = 1.0
+    # Moving average of the weights scored beside them at each evaluation (0: off).
+    ema_decay: float = 0.0
+
+
+# The recipe values an operator may override: every number (the objective is the strategy's).
+TUNABLE = tuple(f.name for f in fields(Settings) if f.name != "strategy")
 
 
 def choose_strategy(strategy: str, y: np.ndarray) -> str:
     if strategy not in STRATEGIES:
         raise InvalidArgument(f"unknown fine-tuning strategy {strategy!r}: use {', '.join(STRATEGIES)}")
-    if strategy != "auto":
-        return strategy
-    per_label = len(y) / max(1, len(np.unique(y)))
-    return "contrastive" if per_label <= FEW_SHOT_PER_LABEL else "classifier"
+    return "cpft" if strategy == "auto" else strategy
+
+
+def few_shot_data(y: np.ndarray) -> bool:
+    return len(y) / max(1, len(np.unique(y))) <= FEW_SHOT_PER_LABEL
 
 
 def settings_for(strategy: str, n_train: int) -> Settings:
+    """One stage's recipe: ``contrastive`` or ``classifier`` (cpft runs one of each)."""
+    common = {"batch_size": 32, "layer_decay": 0.9, "ema_decay": 0.998}
     if strategy == "contrastive":
-        # Scoring embeds every training text (nearest centroid), so it runs about every 2 epochs.
         return Settings(
-            "contrastive",
-            epochs=10,
-            batch_size=32,
-            lr=3e-5,
-            head_lr=0.0,
-            evals_per_epoch=1,
-            min_eval_steps=30,
+            "contrastive", epochs=10, lr=3e-5, head_lr=0.0, evals_per_epoch=1, min_eval_steps=30, **common
         )
     # About 5 epochs on a large set; a small set gets more epochs, up to about 300 steps.
     steps_per_epoch = max(1, math.ceil(n_train / 32))
     epochs = max(5, min(30, math.ceil(300 / steps_per_epoch)))
-    return Settings("classifier", epochs=epochs, batch_size=32, lr=5e-5, head_lr=2e-3)
+    return Settings("classifier", epochs=epochs, lr=5e-5, head_lr=2e-3, label_smoothing=0.1, **common)
 
 
 @dataclass
@@ -150,10 +171,11 @@ def finetune_encoder(
     max_steps: int | None = None,
     threads: int | None = None,
 ) -> FinetuneResult:
-    """As :func:`finetune`, plus a summary: strategy, steps, validation history, stop reason.
+    """As :func:`finetune`, plus a summary: strategy, stages, steps, validation history, stop reason.
 
-    ``max_steps`` caps the plan (a short, deterministic run); ``threads`` defaults to the CPUs this
-    process may use. ``spec`` supplies ``max_minutes``, ``seed`` and ``checkpoint_dir``.
+    ``max_steps`` caps the plan (a short, deterministic run; cpft splits it between its stages);
+    ``threads`` defaults to the CPUs this process may use. ``spec`` supplies ``max_minutes``,
+    ``seed``, ``checkpoint_dir`` and ``finetune_overrides``.
     """
     started = time.monotonic()
     y = np.asarray(y, dtype=np.int64)
@@ -167,7 +189,8 @@ def finetune_encoder(
         raise InvalidArgument(f"max_minutes must not be negative, got {spec.max_minutes}")
     chosen = choose_strategy(strategy, y)
     train_idx, val_idx = validation_split(y, VAL_FRACTION, spec.seed)
-    if chosen == "contrastive" and not (np.bincount(y[train_idx]) >= 2).any():
+    pairs_possible = bool((np.bincount(y[train_idx]) >= 2).any())
+    if chosen == "contrastive" and not pairs_possible:
         raise InvalidArgument("contrastive fine-tuning needs a label with at least two training texts")
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     torch.manual_seed(spec.seed)
@@ -176,54 +199,107 @@ def finetune_encoder(
 
     encoder = AutoModel.from_pretrained(base, local_files_only=True)
     tokens = Tokens(base, window)
-    settings = settings_for(chosen, len(train_idx))
-    model = Tuner(encoder, n_classes if chosen == "classifier" else 0, settings.scale, tokens.pad_id)
     data = Data(tokens.encode(texts), y, train_idx, val_idx)
+    deadline = started + spec.max_minutes * 60.0
+    stages = stage_plan(chosen, few_shot_data(y), pairs_possible, max_steps)
+    summaries: list[dict[str, Any]] = []
+    for name, share, steps in stages:
+        stage_settings = apply_overrides(settings_for(name, len(train_idx)), spec.finetune_overrides)
+        # A stage ends at its share of the time still left, so an earlier stage that stopped early
+        # hands its remainder on.
+        stage_deadline = time.monotonic() + share * max(0.0, deadline - time.monotonic())
+        model = Tuner(encoder, n_classes if name == "classifier" else 0, stage_settings.scale, tokens.pad_id)
+        key = run_key(base, texts, y, n_classes, window, f"{chosen}/{name}", spec.seed, steps, stage_settings)
+        summaries.append(run_stage(model, stage_settings, data, spec, key, steps, stage_deadline, progress))
+    summary = {
+        "strategy": chosen,
+        "stages": [s["strategy"] for s in summaries],
+        **{k: v for k, v in summaries[-1].items() if k != "strategy"},
+        "stage_summaries": summaries,
+        "seconds": time.monotonic() - started,
+    }
+    tuned = encoder.cpu().eval()
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    return FinetuneResult(tuned, summary)
+
+
+def stage_plan(
+    chosen: str, is_few_shot: bool, pairs_possible: bool, max_steps: int | None
+) -> list[tuple[str, float, int | None]]:
+    """(stage strategy, share of the remaining budget, its fixed steps) in the order they run."""
+    if chosen != "cpft":
+        return [(chosen, 1.0, max_steps)]
+    if not pairs_possible:  # no label has two texts: no pair to pull together
+        return [("classifier", 1.0, max_steps)]
+    share = FEW_SHOT_PRETRAIN_SHARE if is_few_shot else PRETRAIN_SHARE
+    if max_steps is None:
+        return [("contrastive", share, None), ("classifier", 1.0, None)]
+    pre = max(1, round(share * max_steps))
+    return [("contrastive", share, pre), ("classifier", 1.0, max(1, max_steps - pre))]
+
+
+def apply_overrides(settings: Settings, overrides: Mapping[str, float]) -> Settings:
+    """``settings`` with the recipe values an operator set (``train --finetune-set KEY=VALUE``)."""
+    unknown = sorted(set(overrides) - set(TUNABLE))
+    if unknown:
+        raise InvalidArgument(f"unknown fine-tuning settings {unknown}: use {', '.join(TUNABLE)}")
+    values = {k: type(getattr(settings, k))(v) for k, v in overrides.items()}
+    return replace(settings, **values)
+
+
+def run_stage(
+    model: Tuner,
+    settings: Settings,
+    data: Data,
+    spec: TrainSpec,
+    key: str,
+    max_steps: int | None,
+    deadline: float,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Train one stage into ``model.encoder`` (left holding the stage's best weights)."""
     batches = Batches(settings, data, spec.seed)
     plan = initial_plan(settings, batches.steps_per_epoch, max_steps)
-    key = run_key(base, texts, y, n_classes, window, chosen, spec.seed, max_steps)
     ckpt = Path(spec.checkpoint_dir) / f"finetune-{key[:16]}.pt" if spec.checkpoint_dir else None
     trainer = Trainer(model, settings, data, batches, plan, ckpt, key, progress)
-
     resumed_from = None
     if ckpt is not None and ckpt.is_file():
         trainer.load()
         resumed_from = trainer.state.step
         progress(f"resuming fine-tuning from {ckpt} at step {resumed_from} of {trainer.plan.total}")
-    elif chosen == "classifier":
+    elif settings.strategy == "classifier":
         model.init_centroids(data, spec.seed)
     progress(
-        f"fine-tuning ({chosen}) on {len(train_idx)} texts, validating on {len(val_idx)}: "
-        f"{trainer.plan.total} steps planned, {batches.steps_per_epoch} per epoch, "
-        f"budget {spec.max_minutes:g} min"
+        f"fine-tuning ({settings.strategy}) on {len(data.train_idx)} texts, validating on "
+        f"{len(data.val_idx)}: {trainer.plan.total} steps planned, {batches.steps_per_epoch} per "
+        f"epoch, {max(0.0, deadline - time.monotonic()) / 60:.1f} min of budget"
     )
+    stage_started = time.monotonic()
     if not trainer.state.done:
-        trainer.run(deadline=started + spec.max_minutes * 60.0)
+        trainer.run(deadline=deadline)
     state = trainer.state
     if state.best_encoder is not None:
         model.encoder.load_state_dict(state.best_encoder)
     progress(
-        f"fine-tuning stopped at step {state.step} ({state.stop_reason}); best validation accuracy "
-        f"{state.best_score:.4f} at step {state.best_step}"
+        f"{settings.strategy} stage stopped at step {state.step} ({state.stop_reason}); best "
+        f"validation accuracy {state.best_score:.4f} at step {state.best_step} ({state.best_weights})"
     )
-    summary = {
-        "strategy": chosen,
+    return {
+        "strategy": settings.strategy,
         "settings": asdict(settings),
-        "train_texts": len(train_idx),
-        "val_texts": len(val_idx),
+        "train_texts": len(data.train_idx),
+        "val_texts": len(data.val_idx),
         **trainer.plan_summary(),
         "resumed_from_step": resumed_from,
         "step": state.step,
         "best_step": state.best_step,
         "best_val_accuracy": state.best_score,
+        "best_weights": state.best_weights,
         "stop_reason": state.stop_reason,
         "history": state.history,
-        "seconds": time.monotonic() - started,
+        "seconds": time.monotonic() - stage_started,
     }
-    tuned = model.encoder.cpu().eval()
-    for p in tuned.parameters():
-        p.requires_grad_(False)
-    return FinetuneResult(tuned, summary)
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -385,6 +461,7 @@ class TrainState:
     done: bool = False
     stop_reason: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+    best_weights: str = ""  # "raw" or "ema": which of the two validated best
     best_encoder: dict[str, torch.Tensor] | None = None
 
 
@@ -411,6 +488,7 @@ class Trainer:
             settings.min_eval_steps, math.ceil(batches.steps_per_epoch / settings.evals_per_epoch)
         )
         self.losses: list[float] = []
+        self.ema = MovingAverage(model, settings.ema_decay) if settings.ema_decay > 0 else None
 
     def run(self, deadline: float) -> None:
         from tqdm import tqdm  # type: ignore[import-untyped]  # types-tqdm is not installed
@@ -478,12 +556,17 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, self.state.step)
         self.losses.append(float(loss.detach()))
 
     def loss(self, batch: list[int]) -> torch.Tensor:
         emb = self.model.embed([self.data.ids[i] for i in batch])
         if self.settings.strategy == "classifier":
-            return F.cross_entropy(self.model.logits(emb), torch.as_tensor(self.data.y[batch]))
+            target = torch.as_tensor(self.data.y[batch])
+            return F.cross_entropy(
+                self.model.logits(emb), target, label_smoothing=self.settings.label_smoothing
+            )
         anchors, positives = emb[0::2], emb[1::2]
         sims = self.settings.scale * anchors @ positives.T
         target = torch.arange(len(anchors))
@@ -510,29 +593,47 @@ class Trainer:
             with torch.no_grad():
                 pred = model.logits(val_emb).argmax(dim=1).numpy()
         else:
-            train_emb = model.embed_all(d.ids, d.train_idx.tolist())
+            rng = np.random.default_rng([0xCE])  # the same texts at every evaluation
             labels = np.unique(d.y[d.train_idx])
-            y_train = torch.as_tensor(d.y[d.train_idx])
-            centroids = torch.stack([train_emb[y_train == lab].mean(0) for lab in labels.tolist()])
+            chosen = [
+                rng.permutation(d.train_idx[d.y[d.train_idx] == lab])[:VAL_CENTROID_EXAMPLES]
+                for lab in labels.tolist()
+            ]
+            centroids = torch.stack([model.embed_all(d.ids, c.tolist()).mean(0) for c in chosen])
             pred = labels[(val_emb @ F.normalize(centroids, dim=-1).T).argmax(dim=1).numpy()]
         return float((pred == d.y[d.val_idx]).mean())
 
     def evaluate(self) -> bool:
-        """Score, keep the best weights, checkpoint; True when patience has run out.
+        """Score the raw weights and their moving average, keep the best, checkpoint; True when
+        patience has run out.
 
-        Without a validation split (every label has a single text) the latest weights count as best.
+        Without a validation split (every label has a single text) the latest raw weights count as
+        best.
         """
         state = self.state
-        score = self.val_accuracy() if len(self.data.val_idx) else float(state.step)
+        if not len(self.data.val_idx):
+            scores = {"raw": float(state.step)}
+        else:
+            scores = {"raw": self.val_accuracy()}
+            if self.ema is not None:
+                with self.ema.swapped_in(self.model):
+                    scores["ema"] = self.val_accuracy()
         loss = self.recent_loss()
-        state.history.append({"step": state.step, "train_loss": loss, "val_accuracy": score})
-        if score > state.best_score:
-            state.best_score, state.best_step, state.bad_evals = score, state.step, 0
-            state.best_encoder = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+        entry = {"step": state.step, "train_loss": loss, "val_accuracy": scores["raw"]}
+        if "ema" in scores:
+            entry["val_accuracy_ema"] = scores["ema"]
+        state.history.append(entry)
+        which = max(scores, key=lambda k: scores[k])  # raw on a tie: it is listed first
+        if scores[which] > state.best_score:
+            state.best_score, state.best_step, state.bad_evals = scores[which], state.step, 0
+            state.best_weights = which
+            encoder = self.model.encoder.state_dict() if which == "raw" else self.ema.encoder()  # type: ignore[union-attr]
+            state.best_encoder = {k: v.detach().clone() for k, v in encoder.items()}
         else:
             state.bad_evals += 1
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         self.progress(
-            f"step {state.step}/{self.plan.total}: train loss {loss:.4f}, validation accuracy {score:.4f}"
+            f"step {state.step}/{self.plan.total}: train loss {loss:.4f}, validation accuracy {shown}"
         )
         stop = state.bad_evals >= self.settings.patience
         if stop:
@@ -557,6 +658,7 @@ class Trainer:
             "plan": self.plan.to_dict(),
             "state": {k: v for k, v in asdict(self.state).items() if k != "best_encoder"},
             "best_encoder": self.state.best_encoder,
+            "ema": self.ema.weights if self.ema is not None else None,
             "torch_rng": torch.get_rng_state(),
         }
         tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.{os.getpid()}.tmp")
@@ -583,22 +685,69 @@ class Trainer:
         torch.set_rng_state(payload["torch_rng"])
         self.state = TrainState(**payload["state"])
         self.state.best_encoder = payload["best_encoder"]
+        if self.ema is not None and payload["ema"] is not None:
+            self.ema.weights = payload["ema"]
 
 
 def make_optimizer(model: Tuner, settings: Settings) -> torch.optim.Optimizer:
-    # Biases and LayerNorm gains (1-D) are not weight-decayed: the usual BERT recipe.
-    params = list(model.encoder.parameters())
-    groups: list[dict[str, Any]] = [
+    """AdamW with layer-wise learning-rate decay; biases and LayerNorm gains (1-D) are not
+    weight-decayed (the usual BERT recipe)."""
+    n_layers = int(model.encoder.config.num_hidden_layers)
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, p in model.encoder.named_parameters():
+        groups.setdefault((layer_depth(name, n_layers), p.ndim >= 2), []).append(p)
+    params: list[dict[str, Any]] = [
         {
-            "params": [p for p in params if p.ndim >= 2],
-            "lr": settings.lr,
-            "weight_decay": settings.weight_decay,
-        },
-        {"params": [p for p in params if p.ndim < 2], "lr": settings.lr, "weight_decay": 0.0},
+            "params": ps,
+            "lr": settings.lr * settings.layer_decay**depth,
+            "weight_decay": settings.weight_decay if decayed else 0.0,
+        }
+        for (depth, decayed), ps in sorted(groups.items())
     ]
     if model.weight is not None:
-        groups.append({"params": [model.weight], "lr": settings.head_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
+        params.append({"params": [model.weight], "lr": settings.head_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(params)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+
+
+def layer_depth(name: str, n_layers: int) -> int:
+    """How far below the top of the encoder a parameter sits: 0 for the last transformer layer
+    (and the pooler), ``n_layers`` for the embeddings."""
+    if "embeddings" in name:
+        return n_layers
+    match = _LAYER.search(name)
+    return n_layers - 1 - int(match.group(1)) if match else 0
+
+
+class MovingAverage:
+    """An exponential moving average of a model's floating-point weights, with the usual warm-up
+    (the decay grows from 0.1 towards ``decay``, so early weights do not dominate)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.weights[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+    def encoder(self) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("encoder."): v for k, v in self.weights.items() if k.startswith("encoder.")}
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """``model`` holds the averaged weights inside the block, its own again after it."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.weights)
+        try:
+            yield
+        finally:
+            model.load_state_dict(own)
 
 
 def initial_plan(settings: Settings, steps_per_epoch: int, max_steps: int | None) -> Plan:
@@ -619,6 +768,7 @@ def run_key(
     strategy: str,
     seed: int,
     max_steps: int | None,
+    settings: Settings,
 ) -> str:
     """What a checkpoint must match to be resumed: the base's content, the data and the recipe."""
     from appliance.store import folder_digest, hash_files
@@ -631,6 +781,7 @@ def run_key(
         "strategy": strategy,
         "seed": seed,
         "max_steps": max_steps,
+        "settings": asdict(settings),
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
     for text, label in zip(texts, y.tolist(), strict=True):

@@ -88,7 +88,9 @@ class TrainSpec:
     seed: int = 0
     default_policy: str = "cascade"
     head_c: float = DEFAULT_C
-    finetune_strategy: str = "auto"  # auto | classifier | contrastive
+    finetune_strategy: str = "auto"  # auto | classifier | contrastive | cpft
+    # Recipe values replacing the strategy's (appliance.factory.finetune.TUNABLE).
+    finetune_overrides: dict[str, float] = field(default_factory=dict)
     few_shot: int | None = None  # keep k examples per label (few-shot experiments)
     checkpoint_dir: Path | None = None
     label_descriptions: dict[str, str] = field(default_factory=dict)

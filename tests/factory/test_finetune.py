@@ -74,7 +74,9 @@ def test_finetune_publishes_and_resumes(tmp_path: Path, home: Path) -> None:
     store = ModelStore()
     first_log: list[str] = []
     first = train(
-        spec_for(tmp_path, train_file, max_minutes=0.0, checkpoint_dir=ckpt), store, first_log.append
+        spec_for(tmp_path, train_file, max_minutes=0.0, checkpoint_dir=ckpt, finetune_strategy="classifier"),
+        store,
+        first_log.append,
     )
     (saved,) = ckpt.glob("finetune-*.pt")
     state = ft.read_checkpoint(saved)["state"]
@@ -83,7 +85,9 @@ def test_finetune_publishes_and_resumes(tmp_path: Path, home: Path) -> None:
 
     second_log: list[str] = []
     second = train(
-        spec_for(tmp_path, train_file, max_minutes=0.0, checkpoint_dir=ckpt), store, second_log.append
+        spec_for(tmp_path, train_file, max_minutes=0.0, checkpoint_dir=ckpt, finetune_strategy="classifier"),
+        store,
+        second_log.append,
     )
     assert any(f"resuming fine-tuning from {saved} at step 1 " in m for m in second_log)
     resumed = ft.read_checkpoint(saved)["state"]
@@ -107,23 +111,33 @@ def test_same_seed_same_weights_and_changed_from_base(tmp_path: Path) -> None:
     texts, y = texts_and_labels(subset(DATA / "train.csv", tmp_path / "t.csv", 20))
     spec = TrainSpec(data=tmp_path, text_column="", label_column="", name="x", seed=3)
     runs = [
-        ft.finetune_encoder(spec, default_base(), texts, y, LABELS, 64, lambda _: None, max_steps=3)
+        ft.finetune_encoder(spec, default_base(), texts, y, LABELS, 64, lambda _: None, max_steps=7)
         for _ in range(2)
     ]
     a, b = (r.encoder.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert runs[0].summary["strategy"] == "classifier"
-    assert runs[0].summary["step"] == 3 and runs[0].summary["stop_reason"] == "plan complete"
+    summary = runs[0].summary
+    # auto is cpft: a contrastive stage on its share of the fixed steps, then the classifier.
+    assert summary["strategy"] == "cpft" and summary["stages"] == ["contrastive", "classifier"]
+    assert [s["step"] for s in summary["stage_summaries"]] == [1, 6]
+    assert all(s["stop_reason"] == "plan complete" for s in summary["stage_summaries"])
+    # Each evaluation scores the raw weights and their moving average; the better is kept.
+    last = summary["stage_summaries"][1]["history"][-1]
+    assert {"val_accuracy", "val_accuracy_ema"} <= set(last)
+    assert summary["best_val_accuracy"] == max(
+        max(h["val_accuracy"], h["val_accuracy_ema"]) for h in summary["history"]
+    )
+    assert summary["best_weights"] in ("raw", "ema")
     from transformers import AutoModel
 
     base = AutoModel.from_pretrained(default_base(), local_files_only=True).state_dict()
     assert any(not torch.equal(a[k], base[k]) for k in a)
 
 
-def test_few_shot_picks_contrastive_with_label_distinct_batches(tmp_path: Path) -> None:
+def test_contrastive_batches_are_label_distinct(tmp_path: Path) -> None:
     apply_offline_env()
     texts, y = texts_and_labels(subset(DATA / "train.csv", tmp_path / "t.csv", 10))
-    assert ft.choose_strategy("auto", y) == "contrastive"
+    assert ft.few_shot_data(y)
     train_idx, val_idx = ft.validation_split(y, ft.VAL_FRACTION, seed=0)
     assert np.bincount(y[val_idx]).tolist() == [1] * LABELS
     settings = ft.settings_for("contrastive", len(train_idx))
@@ -135,7 +149,9 @@ def test_few_shot_picks_contrastive_with_label_distinct_batches(tmp_path: Path) 
         assert set(batch) <= set(train_idx.tolist())
 
     spec = TrainSpec(data=tmp_path, text_column="", label_column="", name="x")
-    result = ft.finetune_encoder(spec, default_base(), texts, y, LABELS, 64, lambda _: None, max_steps=2)
+    result = ft.finetune_encoder(
+        spec, default_base(), texts, y, LABELS, 64, lambda _: None, strategy="contrastive", max_steps=2
+    )
     assert result.summary["strategy"] == "contrastive" and result.summary["step"] == 2
     assert 0.0 <= result.summary["best_val_accuracy"] <= 1.0
 
@@ -149,3 +165,6 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
         ft.finetune(spec, default_base(), ["a", "b"], np.array([0, 0]), 2, 64, print)
     with pytest.raises(InvalidArgument, match="texts but"):
         ft.finetune(spec, default_base(), ["a"], y, 2, 64, print)
+    spec.finetune_overrides = {"label_smothing": 0.0}
+    with pytest.raises(InvalidArgument, match="unknown fine-tuning settings"):
+        ft.finetune(spec, default_base(), ["a b", "c d", "e f", "g h"], y, 2, 64, print, max_steps=1)
