@@ -19,7 +19,8 @@ of the weights beside the raw weights at each evaluation, keeping whichever vali
 (``bench/FACTORY.md`` has the measured effect of each choice).
 
 Training holds out a stratified validation split, evaluates a fixed number of times per epoch,
-keeps the best weights, stops after ``patience`` evaluations without progress, and stops cleanly
+keeps the best weights, stops after ``patience`` evaluations without progress in the second half
+of the plan, and stops cleanly
 when ``spec.max_minutes`` is spent. With ``spec.checkpoint_dir``, every evaluation writes a
 checkpoint atomically (weights, optimizer, schedule, step, best weights, RNG state); a later run on
 the same data, base, seed and strategy resumes from it.
@@ -97,7 +98,9 @@ class Settings:
     weight_decay: float = 0.01
     evals_per_epoch: int = 2
     min_eval_steps: int = 10
-    patience: int = 4  # evaluations without a better validation accuracy
+    # Evaluations without a better validation accuracy that end the run, counted over the plan's
+    # second half only: while the learning rate is still high a plateau says little.
+    patience: int = 4
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0  # classifier objective only
     # Layer i from the top learns at lr * layer_decay**i (the embeddings sit below the last layer).
@@ -629,7 +632,7 @@ class Trainer:
             state.best_weights = which
             encoder = self.model.encoder.state_dict() if which == "raw" else self.ema.encoder()  # type: ignore[union-attr]
             state.best_encoder = {k: v.detach().clone() for k, v in encoder.items()}
-        else:
+        elif state.step >= self.plan.total / 2:
             state.bad_evals += 1
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
         self.progress(

@@ -22,6 +22,8 @@ SPEED_WINDOW = 200
 TIME_SHARE = 0.95
 # A re-fit smaller than this fraction of the remaining steps is noise: keep the plan.
 MIN_CHANGE = 0.02
+# Steps an epoch-end re-fit waits after the last one (tiny epochs would re-fit on every few steps).
+MIN_REFIT_GAP = 25
 
 
 @dataclass
@@ -89,8 +91,9 @@ class Planner:
         if step > old_step:
             self.seconds_per_step = (now - old_time) / (step - old_step)
         done = step - self.first_step
+        since = step - self.last_fit
         due = done >= CALIBRATION_STEPS and (
-            not self.plan.fitted or epoch_end or step - self.last_fit >= REPLAN_EVERY
+            not self.plan.fitted or (epoch_end and since >= MIN_REFIT_GAP) or since >= REPLAN_EVERY
         )
         return self.refit(step, now) if due and step < self.plan.total else None
 
