@@ -55,12 +55,18 @@ CASES = (
     "fewshot-setfit",
     "fewshot-classifier",
     "fewshot-plain",
+    "fewshot-smoothed",
+    "finetune-classifier",
     "oos-head",
     "oos-finetune",
 )
-GROUPS = {"ablation": ("fewshot-setfit", "fewshot-classifier", "fewshot-plain", "fewshot")}
-# cpft with the three recipe choices the ablation switches off.
-PLAIN = {"label_smoothing": 0.0, "layer_decay": 1.0, "ema_decay": 0.0}
+GROUPS = {
+    "ablation": ("fewshot-setfit", "fewshot-classifier", "fewshot-plain", "fewshot-smoothed", "fewshot"),
+    "ablation-full": ("finetune-classifier", "finetune"),
+}
+# The recipe choices the ablation switches off (plain) or on (smoothed).
+PLAIN = {"layer_decay": 1.0, "ema_decay": 0.0}
+SMOOTHED = {"label_smoothing": 0.1}
 OOS_LABEL = "oos"
 TARGET_COVERAGE = 0.85
 TARGET_OOS_RECALL = 0.70
@@ -89,7 +95,13 @@ def cases(args: argparse.Namespace) -> dict[str, Case]:
         "fewshot-head": Case("fewshot-head", "head", k, 0.0, 0.88),
         "fewshot-setfit": Case("fewshot-setfit", "finetune", k, few, 0.88, strategy="contrastive"),
         "fewshot-classifier": Case("fewshot-classifier", "finetune", k, few, 0.88, strategy="classifier"),
-        "fewshot-plain": Case("fewshot-plain", "finetune", k, few, 0.88, overrides=PLAIN),
+        "fewshot-plain": Case("fewshot-plain", "finetune", k, few, 0.88, strategy="cpft", overrides=PLAIN),
+        "fewshot-smoothed": Case(
+            "fewshot-smoothed", "finetune", k, few, 0.88, strategy="cpft", overrides=SMOOTHED
+        ),
+        "finetune-classifier": Case(
+            "finetune-classifier", "finetune", None, args.finetune_minutes, 0.940, strategy="classifier"
+        ),
         "oos-head": Case("oos-head", "head", None, 0.0, 0.0, held_out=args.held_out),
         "oos-finetune": Case("oos-finetune", "finetune", None, args.oos_minutes, 0.0, held_out=args.held_out),
     }

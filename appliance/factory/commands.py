@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--strategy",
         choices=("auto", "classifier", "contrastive", "cpft"),
         default="auto",
-        help="finetune objective (auto: cpft, a contrastive stage on same-label pairs, then a classifier)",
+        help="finetune objective (auto: contrastive pairs at 16 or fewer examples per label, else cpft: "
+        "a contrastive stage on same-label pairs, then a classifier)",
     )
     train.add_argument(
         "--finetune-set",

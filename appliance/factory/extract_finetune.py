@@ -141,7 +141,7 @@ def finetune_token_encoder(
         json.dumps([e.text, [[s.label, s.start, s.end] for s in e.spans], list(e.requested_slots)])
         for e in data.examples
     ]
-    key = run_key(base, examples, y, len(tags), window, "token-bio", spec.seed, spec.max_steps)
+    key = run_key(base, examples, y, len(tags), window, "token-bio", spec.seed, spec.max_steps, settings)
     ckpt = Path(spec.checkpoint_dir) / f"extract-{key[:16]}.pt" if spec.checkpoint_dir else None
     trainer = TokenTrainer(model, settings, tensors, batches, plan, ckpt, key, progress)
     trainer.setup(targets, encoded, data)

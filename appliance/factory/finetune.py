@@ -13,10 +13,11 @@ Three strategies, all on L2-normalised mean-pooled embeddings (what the exported
   of the budget (more on few-shot data, where pairs are the main signal) pulls same-label texts
   together, then a ``classifier`` stage starts from its encoder, with centroids taken from it.
 
-``auto`` picks ``cpft``. The classifier objective uses label smoothing; every strategy uses
-layer-wise learning-rate decay (lower layers move less) and scores an exponential moving average
-of the weights beside the raw weights at each evaluation, keeping whichever validates better
-(``bench/FACTORY.md`` has the measured effect of each choice).
+``auto`` picks ``contrastive`` at 16 or fewer examples per label on average, else ``cpft``. Every
+strategy uses layer-wise learning-rate decay (lower layers move less) and scores an exponential
+moving average of the weights beside the raw weights at each evaluation, keeping whichever
+validates better; label smoothing is available (``label_smoothing``) but off, since it measured
+worse (``bench/FACTORY.md`` has the measured effect of each choice).
 
 Training holds out a stratified validation split, evaluates a fixed number of times per epoch,
 keeps the best weights, stops after ``patience`` evaluations without progress in the second half
@@ -116,7 +117,11 @@ TUNABLE = tuple(f.name for f in fields(Settings) if f.name != "strategy")
 def choose_strategy(strategy: str, y: np.ndarray) -> str:
     if strategy not in STRATEGIES:
         raise InvalidArgument(f"unknown fine-tuning strategy {strategy!r}: use {', '.join(STRATEGIES)}")
-    return "cpft" if strategy == "auto" else strategy
+    if strategy != "auto":
+        return strategy
+    # Few-shot, contrastive pairs alone measured best (bench/FACTORY.md): a classifier layer on 8
+    # texts a label overfits before the pairs have shaped the space.
+    return "contrastive" if few_shot_data(y) else "cpft"
 
 
 def few_shot_data(y: np.ndarray) -> bool:
@@ -133,7 +138,9 @@ def settings_for(strategy: str, n_train: int) -> Settings:
     # About 5 epochs on a large set; a small set gets more epochs, up to about 300 steps.
     steps_per_epoch = max(1, math.ceil(n_train / 32))
     epochs = max(5, min(30, math.ceil(300 / steps_per_epoch)))
-    return Settings("classifier", epochs=epochs, lr=5e-5, head_lr=2e-3, label_smoothing=0.1, **common)
+    # No label smoothing: it tightens each class into a point, which the logistic head re-fitted on
+    # the embeddings afterwards does worse on (few-shot: -4.0 points, bench/FACTORY.md).
+    return Settings("classifier", epochs=epochs, lr=5e-5, head_lr=2e-3, **common)
 
 
 @dataclass

@@ -133,3 +133,31 @@ def test_train_extract_refuses_bad_data_with_located_errors_and_publishes_nothin
     assert f"{bad}:2: span 0 ('people') [4, 99) lies outside the text" in done.stderr
     assert f"{bad}:3: span 0 ('time') ends at 3" in done.stderr
     assert ModelStore(tmp_path).versions("bad") == []
+
+
+@pytest.mark.slow
+def test_finetune_mode_tunes_the_encoder_and_publishes(tmp_path: Path) -> None:
+    """A two-step token fine-tune, through the classifier fine-tune's machinery, publishes a
+    verified extractor whose summary names its steps and whose encoder is not the base's."""
+    from appliance.factory.extract import ExtractSpec, train_extractor
+
+    apply_offline_env()
+    store = ModelStore(tmp_path / "home")
+    spec = ExtractSpec(
+        data=RESTAURANT8K / "train_4.json",
+        name="r8k-ft",
+        mode="finetune",
+        limit=120,
+        max_steps=2,
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    result = train_extractor(spec, store, progress=lambda _: None)
+    manifest = store.load("r8k-ft:1")
+    summary = manifest.data["finetune"]
+    assert manifest.data["mode"] == "finetune"
+    assert summary["step"] == 2 and summary["stop_reason"] == "plan complete"
+    assert 0.0 <= summary["best_val_span_f1"] <= 1.0
+    head_store = ModelStore(tmp_path / "head-home")
+    head = build_extractor(head_store, name="r8k-head", examples=120)
+    assert manifest.encoder_id != head_store.load("r8k-head:1").encoder_id
+    assert result.report.n_texts > 0 and head.report.n_texts == result.report.n_texts

@@ -3,6 +3,7 @@ and the recipe overrides (``train --finetune-set``)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -22,7 +23,9 @@ def test_cpft_gives_few_shot_data_a_larger_contrastive_share() -> None:
     # No label with two texts: no pair to pull together, the classifier alone.
     assert ft.stage_plan("cpft", True, False, 10) == [("classifier", 1.0, 10)]
     assert ft.stage_plan("classifier", False, True, 4) == [("classifier", 1.0, 4)]
-    assert ft.choose_strategy("auto", torch.zeros(3).numpy()) == "cpft"
+    few = np.repeat(np.arange(4), 10)  # 10 texts a label: few-shot, contrastive pairs alone
+    assert ft.choose_strategy("auto", few) == "contrastive"
+    assert ft.choose_strategy("auto", np.repeat(np.arange(4), 40)) == "cpft"
 
 
 def test_layer_depth_counts_from_the_top() -> None:
@@ -76,11 +79,11 @@ def test_moving_average_follows_and_swaps_back() -> None:
 
 def test_overrides_apply_and_refuse_unknown_keys() -> None:
     settings = ft.settings_for("classifier", 1000)
-    assert settings.label_smoothing > 0 and settings.layer_decay < 1 and settings.ema_decay > 0
+    assert settings.label_smoothing == 0 and settings.layer_decay < 1 and settings.ema_decay > 0
     plain = ft.apply_overrides(
-        settings, {"label_smoothing": 0, "layer_decay": 1, "ema_decay": 0, "epochs": 7}
+        settings, {"label_smoothing": 0.1, "layer_decay": 1, "ema_decay": 0, "epochs": 7}
     )
-    assert (plain.label_smoothing, plain.layer_decay, plain.ema_decay) == (0.0, 1.0, 0.0)
+    assert (plain.label_smoothing, plain.layer_decay, plain.ema_decay) == (0.1, 1.0, 0.0)
     assert plain.epochs == 7 and isinstance(plain.epochs, int)
     with pytest.raises(InvalidArgument, match="unknown fine-tuning settings"):
         ft.apply_overrides(settings, {"strategy": 1.0})
