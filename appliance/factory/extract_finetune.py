@@ -173,7 +173,8 @@ def finetune_token_encoder(
         "resumed_from_step": resumed_from,
         "step": state.step,
         "best_step": state.best_step,
-        "best_val_span_f1": state.best_score,
+        # Without validation texts the "score" is the step count: nothing to report.
+        "best_val_span_f1": state.best_score if len(val_idx) else None,
         "stop_reason": state.stop_reason,
         "history": state.history,
         "seconds": time.monotonic() - started,

@@ -197,6 +197,7 @@ def finetune_encoder(
         raise InvalidArgument(f"labels must lie in [0, {n_classes})")
     if spec.max_minutes < 0:
         raise InvalidArgument(f"max_minutes must not be negative, got {spec.max_minutes}")
+    check_overrides(spec.finetune_overrides)
     chosen = choose_strategy(strategy, y)
     train_idx, val_idx = validation_split(y, VAL_FRACTION, spec.seed)
     pairs_possible = bool((np.bincount(y[train_idx]) >= 2).any())
@@ -249,11 +250,15 @@ def stage_plan(
     return [("contrastive", share, pre), ("classifier", 1.0, max(1, max_steps - pre))]
 
 
-def apply_overrides(settings: Settings, overrides: Mapping[str, float]) -> Settings:
-    """``settings`` with the recipe values an operator set (``train --finetune-set KEY=VALUE``)."""
+def check_overrides(overrides: Mapping[str, float]) -> None:
     unknown = sorted(set(overrides) - set(TUNABLE))
     if unknown:
         raise InvalidArgument(f"unknown fine-tuning settings {unknown}: use {', '.join(TUNABLE)}")
+
+
+def apply_overrides(settings: Settings, overrides: Mapping[str, float]) -> Settings:
+    """``settings`` with the recipe values an operator set (``train --finetune-set KEY=VALUE``)."""
+    check_overrides(overrides)
     values = {k: type(getattr(settings, k))(v) for k, v in overrides.items()}
     return replace(settings, **values)
 
@@ -304,7 +309,8 @@ def run_stage(
         "resumed_from_step": resumed_from,
         "step": state.step,
         "best_step": state.best_step,
-        "best_val_accuracy": state.best_score,
+        # Without validation texts the "score" is the step count: nothing to report.
+        "best_val_accuracy": state.best_score if len(data.val_idx) else None,
         "best_weights": state.best_weights,
         "stop_reason": state.stop_reason,
         "history": state.history,

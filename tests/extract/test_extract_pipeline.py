@@ -156,7 +156,8 @@ def test_finetune_mode_tunes_the_encoder_and_publishes(tmp_path: Path) -> None:
     summary = manifest.data["finetune"]
     assert manifest.data["mode"] == "finetune"
     assert summary["step"] == 2 and summary["stop_reason"] == "plan complete"
-    assert 0.0 <= summary["best_val_span_f1"] <= 1.0
+    # 120 examples leave fewer validation texts than early stopping needs: all train, none scored.
+    assert summary["val_texts"] == 0 and summary["best_val_span_f1"] is None
     head_store = ModelStore(tmp_path / "head-home")
     head = build_extractor(head_store, name="r8k-head", examples=120)
     assert manifest.encoder_id != head_store.load("r8k-head:1").encoder_id
