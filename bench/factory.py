@@ -56,12 +56,20 @@ CASES = (
     "fewshot-classifier",
     "fewshot-plain",
     "fewshot-smoothed",
+    "fewshot-cpft",
     "finetune-classifier",
     "oos-head",
     "oos-finetune",
 )
 GROUPS = {
-    "ablation": ("fewshot-setfit", "fewshot-classifier", "fewshot-plain", "fewshot-smoothed", "fewshot"),
+    "ablation": (
+        "fewshot-setfit",
+        "fewshot-classifier",
+        "fewshot-plain",
+        "fewshot-smoothed",
+        "fewshot-cpft",
+        "fewshot",
+    ),
     "ablation-full": ("finetune-classifier", "finetune"),
 }
 # The recipe choices the ablation switches off (plain) or on (smoothed).
@@ -96,6 +104,7 @@ def cases(args: argparse.Namespace) -> dict[str, Case]:
         "fewshot-setfit": Case("fewshot-setfit", "finetune", k, few, 0.88, strategy="contrastive"),
         "fewshot-classifier": Case("fewshot-classifier", "finetune", k, few, 0.88, strategy="classifier"),
         "fewshot-plain": Case("fewshot-plain", "finetune", k, few, 0.88, strategy="cpft", overrides=PLAIN),
+        "fewshot-cpft": Case("fewshot-cpft", "finetune", k, few, 0.88, strategy="cpft"),
         "fewshot-smoothed": Case(
             "fewshot-smoothed", "finetune", k, few, 0.88, strategy="cpft", overrides=SMOOTHED
         ),
