@@ -65,8 +65,8 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 STRATEGIES = ("auto", "classifier", "contrastive", "cpft")
-# At or below this many examples per label on average the data is few-shot: ``cpft`` gives its
-# contrastive stage a larger share, since pairs are where most of the signal is.
+# At or below this many examples per label on average the data is few-shot: ``auto`` trains
+# contrastive pairs alone, and ``cpft`` gives its contrastive stage a larger share.
 FEW_SHOT_PER_LABEL = 16
 # Share of the budget (and of a fixed ``max_steps``) for cpft's contrastive stage.
 PRETRAIN_SHARE = 0.15
