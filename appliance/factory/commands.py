@@ -85,13 +85,14 @@ def parse_overrides(items: list[str]) -> dict[str, float]:
     """``KEY=VALUE`` pairs as numbers; which keys exist is the fine-tune's to say."""
     overrides: dict[str, float] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, value = (part.strip() for part in item.partition("="))
         try:
-            overrides[key.strip()] = float(value)
+            number = float(value)
         except ValueError:
-            sep = ""
-        if not sep or not key.strip():
+            number = None
+        if not (key and sep) or number is None:
             raise InvalidArgument(f"--finetune-set {item!r}: expected KEY=NUMBER")
+        overrides[key] = number
     return overrides
 
 
